@@ -1,0 +1,5 @@
+"""`python -m nsbox` runs the CLI."""
+
+from nsbox.cli import main
+
+main()

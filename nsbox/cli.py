@@ -1,0 +1,136 @@
+"""The command line: a thin layer over the Python API. Nothing else imports click."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nsbox import __version__
+from nsbox.errors import ExitCode, StepError
+from nsbox.sandbox import Sandbox
+from nsbox.spec import SandboxSpec
+
+
+class _Group(click.Group):
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        # click's own usage errors exit 2; nsbox promises 125 for every failure of its own.
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message() if hasattr(e, "format_message") else str(e))
+            sys.exit(0)
+        except click.UsageError as e:
+            click.echo(f"nsbox: cli.parse: {e.format_message()}", err=True)
+            click.echo("  fix: nsbox run --help", err=True)
+            sys.exit(ExitCode.NSBOX)
+        except click.exceptions.Abort:
+            sys.exit(ExitCode.NSBOX)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="nsbox")
+def main() -> None:
+    """nsbox: run a coding agent (or any command) on one project, in a rootless sandbox."""
+
+
+def _run_options(f: click.decorators.FC) -> click.decorators.FC:
+    options = [
+        click.argument("project", required=False, type=click.Path(path_type=Path)),
+        click.argument("command", nargs=-1, type=click.UNPROCESSED),
+        click.option("--uid", type=int, default=1000, show_default=True, help="Your uid inside (non-root by default)."),
+        click.option("--name", help="Sandbox name: selects the persistent $HOME (default: from the project path)."),
+        click.option("--fresh", is_flag=True, help="Wipe this sandbox's $HOME before starting."),
+        click.option("--hostname", default="nsbox", show_default=True),
+        click.option("--env", "env", multiple=True, metavar="NAME[=VALUE]",
+                     help="Pass NAME from your environment, or set it (repeatable)."),
+        click.option("--no-api-key", is_flag=True, help="Do not pass ANTHROPIC_API_KEY in."),
+        click.option("--writable-git", is_flag=True, help="Leave .git/hooks and .git/config writable."),
+        click.option("--network", type=click.Choice(["none"]), default="none", show_default=True,
+                     help="none: only loopback inside."),
+        click.option("--log", "log", type=click.Path(path_type=Path), help="Write JSON-lines events here."),
+        click.option("--verbose", "-v", is_flag=True, help="Print each launch step as it completes."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _spec(project: Path | None, uid: int, name: str | None, fresh: bool, hostname: str, env: tuple[str, ...],
+          no_api_key: bool, writable_git: bool, network: str, trace: bool) -> SandboxSpec:
+    return SandboxSpec(project=project or Path.cwd(), uid=uid, name=name, fresh=fresh, hostname=hostname,
+                       env=env, no_api_key=no_api_key, writable_git=writable_git, network=network, trace=trace)
+
+
+def _command(command: tuple[str, ...]) -> list[str] | None:
+    # `nsbox run PROJECT -- CMD ...`: click keeps a "--" that follows the first argument.
+    args = list(command)
+    if args and args[0] == "--":
+        args = args[1:]
+    return args or None
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@_run_options
+def run(project: Path | None, command: tuple[str, ...], uid: int, name: str | None, fresh: bool, hostname: str,
+        env: tuple[str, ...], no_api_key: bool, writable_git: bool, network: str, log: Path | None,
+        verbose: bool) -> None:
+    """Run COMMAND (default: claude --dangerously-skip-permissions) on PROJECT (default: .).
+
+    \b
+    Examples:
+      nsbox run                      the agent, on the current directory
+      nsbox run ~/src/app -- bash    a shell, on ~/src/app
+    """
+    spec = _spec(project, uid, name, fresh, hostname, env, no_api_key, writable_git, network,
+                 trace=bool(log or verbose))
+    result = Sandbox(spec).run(_command(command))
+    if verbose:
+        for event in result.events:
+            click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
+    if log:
+        with open(log, "a") as f:
+            for event in result.events:
+                f.write(json.dumps({k: v for k, v in event.items() if k != "kind"}) + "\n")
+            f.write(json.dumps({"event": "sandbox.exit", "status": result.status, "signal": result.signal}) + "\n")
+    if result.error:
+        click.echo(result.error, err=True)
+    sys.exit(result.status)
+
+
+@main.command()
+@_run_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(project: Path | None, command: tuple[str, ...], uid: int, name: str | None, fresh: bool, hostname: str,
+         env: tuple[str, ...], no_api_key: bool, writable_git: bool, network: str, log: Path | None,
+         verbose: bool, as_json: bool) -> None:
+    """Print what `nsbox run` would do, layer by layer. Changes nothing."""
+    from nsbox.launch import SEQUENCE
+
+    spec = _spec(project, uid, name, fresh, hostname, env, no_api_key, writable_git, network, trace=False)
+    try:
+        layers = Sandbox(spec).plan(_command(command))
+    except StepError as e:
+        from nsbox import hints
+
+        click.echo(hints.explain(e).render(), err=True)
+        sys.exit(e.exit_code)
+    if as_json:
+        click.echo(json.dumps({
+            "sequence": [{"who": s.who, "step": s.id, "why": s.why} for s in SEQUENCE],
+            "layers": {name: lines for name, lines in layers},
+        }, indent=2))
+        return
+    click.echo("Launch sequence:")
+    for i, s in enumerate(SEQUENCE, 1):
+        click.echo(f"  {i:2} {s.who:8} {s.id:26} {s.why}")
+    for layer, lines in layers:
+        click.echo(f"\n{layer}:")
+        for line in lines:
+            click.echo(f"  {line}")

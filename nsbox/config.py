@@ -1,0 +1,76 @@
+"""Where nsbox keeps things on the host (XDG base directories), and per-sandbox state.
+
+Configuration is read only from the invoking user's `$XDG_CONFIG_HOME/nsbox/`, never from
+the project: the agent can write the project, and must not loosen its own cage.
+
+    $XDG_DATA_HOME/nsbox/sandboxes/<name>/home   the agent's private, persistent $HOME
+    $XDG_CACHE_HOME/nsbox/                        compiled seccomp filters and other caches
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+
+def _xdg(var: str, default: str) -> Path:
+    value = os.environ.get(var, "")
+    # The XDG spec says relative paths are invalid and must be ignored.
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path.home() / default
+
+
+def data_home() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "nsbox"
+
+
+def config_home() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "nsbox"
+
+
+def cache_home() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "nsbox"
+
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME_OK.match(name)) and name not in (".", "..")
+
+
+def default_name(project: Path) -> str:
+    """A stable sandbox name for a project: its base name plus a hash of its full path."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", project.name or "root").lstrip(".-_") or "project"
+    digest = hashlib.sha256(os.fsencode(str(project))).hexdigest()[:8]
+    return f"{base[:40]}-{digest}"
+
+
+def sandbox_dir(name: str) -> Path:
+    return data_home() / "sandboxes" / name
+
+
+def _make_writable_and_retry(func: object, path: str, _exc: object) -> None:
+    # The agent may leave read-only directories behind; rmtree needs write permission
+    # on a directory to delete its entries.
+    parent = os.path.dirname(path)
+    os.chmod(parent, stat.S_IRWXU)
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.chmod(path, stat.S_IRWXU)
+        shutil.rmtree(path, onerror=_make_writable_and_retry)
+    else:
+        os.unlink(path)
+
+
+def prepare_home(name: str, fresh: bool) -> Path:
+    """Create (or with `fresh`, wipe and recreate) the agent's persistent home directory."""
+    home = sandbox_dir(name) / "home"
+    if fresh and home.exists():
+        shutil.rmtree(home, onerror=_make_writable_and_retry)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return home

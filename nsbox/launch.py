@@ -1,0 +1,338 @@
+"""THE launch sequence. Read this file first.
+
+Four processes, each named for `ps`:
+
+    nsbox (LAUNCHER, host)   plans, writes the id maps, relays the terminal, reports
+     └─ nsbox:holder         unshares the user namespace, then mount/net/ipc/uts/cgroup/pid
+         └─ nsbox:init       PID 1: builds the root, /proc, lo; forks the agent; reaps
+             └─ agent        the command: clean env, new session, fds closed, execve
+
+`SEQUENCE` is the whole order, top to bottom, with the reason each step sits where it
+does. The four role functions below run exactly these rows, in this order: each step
+goes through `Steps`, which refuses a step out of its table order, so the table cannot
+drift from the code. A change of role between two rows is a handshake on the sync
+channel; those are numbered `# sync N` in the code. tests/test_sequence.py pins the
+orderings that matter for security.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from nsbox import config, process, syscalls, terminal
+from nsbox.errors import ExitCode, StepError
+from nsbox.layers import execve, mountns, netns, pidns, userns, utsns
+from nsbox.process import AgentStatus, Channel, ErrorPipe
+from nsbox.spec import SandboxSpec
+from nsbox.syscalls import CloneFlag
+
+LAUNCHER, HOLDER, INIT, AGENT = "launcher", "holder", "init", "agent"
+
+
+@dataclass(frozen=True)
+class Step:
+    who: str
+    id: str
+    why: str
+
+
+SEQUENCE: tuple[Step, ...] = (
+    #    who       step                        why it is here
+    Step(LAUNCHER, "spec.validate",            "a bad request fails before anything changes"),
+    Step(LAUNCHER, "config.prepare_home",      "the agent's persistent $HOME exists before it is bound"),
+    Step(LAUNCHER, "process.fork_holder",      "forked single-threaded; PDEATHSIG ties it to the launcher"),
+    Step(HOLDER,   "userns.unshare",           "first: it owns every namespace made after it"),
+    Step(LAUNCHER, "userns.write_maps",        "sync 1: setgroups deny, gid_map, uid_map, while the holder waits"),
+    Step(HOLDER,   "process.unshare_rest",     "sync 2: mount, net, ipc, uts, cgroup, pid; all owned by our userns"),
+    Step(HOLDER,   "process.fork_init",        "unshare(CLONE_NEWPID) applies to children only: init is PID 1"),
+    Step(INIT,     "mountns.make_private",     "before any mount: no mount event may reach the host"),
+    Step(INIT,     "mountns.enter_scratch",    "pivot into a scratch tmpfs; the host root stays at /oldroot"),
+    Step(INIT,     "mountns.build_root",       "fresh tmpfs root; binds take their source from /oldroot"),
+    Step(INIT,     "pidns.mount_proc",         "before the old root goes: a new procfs needs a fully visible one"),
+    Step(INIT,     "mountns.seal",             "root tmpfs and /dev read-only: the agent owns their inodes"),
+    Step(INIT,     "mountns.pivot_root",       "/ becomes the new root; the host root is detached"),
+    Step(INIT,     "netns.bring_up_loopback",  "needs CAP_NET_ADMIN in the netns: before any privilege drop"),
+    Step(INIT,     "utsns.set_hostname",       "needs CAP_SYS_ADMIN in the uts ns"),
+    Step(INIT,     "terminal.open_pty",        "sync 3: a pty of the sandbox's devpts; its master to the launcher"),
+    Step(INIT,     "pidns.harden_init",        "scrub argv/environ, not dumpable: before the agent exists"),
+    Step(INIT,     "pidns.block_signals",      "hold SIGCHLD and forwarded signals for sigwaitinfo; none is lost"),
+    Step(INIT,     "process.fork_agent",       "init stays behind as PID 1"),
+    Step(AGENT,    "execve.prepare",           "setsid, pty as ctty, signals default, cwd, fds >= 3 close-on-exec"),
+    Step(AGENT,    "execve.execve",            "LAST: the error pipe closes on success (O_CLOEXEC)"),
+    Step(INIT,     "pidns.reap",               "until the agent exits; forwards signals; its status is the result"),
+    Step(LAUNCHER, "process.supervise",        "relay the terminal, forward signals, wait for the holder"),
+)
+
+
+class Steps:
+    """Runs one role's rows of SEQUENCE, in order, reporting each as an event."""
+
+    def __init__(self, who: str, chan: Channel | None, trace: bool, events: list[dict[str, Any]]) -> None:
+        self.who = who
+        self.rows = [s.id for s in SEQUENCE if s.who == who]
+        self.next = 0
+        self.chan, self.trace, self.events = chan, trace, events
+
+    @contextlib.contextmanager
+    def __call__(self, step_id: str) -> Iterator[None]:
+        expected = self.rows[self.next] if self.next < len(self.rows) else "(none)"
+        if step_id != expected:
+            raise StepError(step_id, "run step", detail=f"out of order in role {self.who}: expected {expected}")
+        self.next += 1
+        try:
+            yield
+        except StepError:
+            raise
+        except OSError as e:
+            raise StepError(step_id, type(e).__name__, e.errno, detail=e.filename) from e
+        if self.trace:
+            event = {"event": "step.ok", "role": self.who, "step": step_id, "t": time.time()}
+            if self.chan is not None and self.who != LAUNCHER:
+                self.chan.send("event", (), **event)
+            else:
+                self.events.append(event)
+
+
+@dataclass(frozen=True)
+class Plans:
+    spec: SandboxSpec
+    userns: userns.UserNsPlan
+    mountns: mountns.MountNsPlan
+    pidns: pidns.PidNsPlan
+    netns: netns.NetNsPlan
+    utsns: utsns.UtsNsPlan
+    execve: execve.ExecvePlan
+
+    def describe(self) -> list[tuple[str, list[str]]]:
+        return [
+            ("userns", self.userns.describe()), ("mountns", self.mountns.describe()),
+            ("pidns", self.pidns.describe()), ("netns", self.netns.describe()),
+            ("utsns", self.utsns.describe()), ("execve", self.execve.describe()),
+        ]
+
+
+def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, home_source: str) -> Plans:
+    """Every layer's plan, from the spec. Pure apart from reading host paths and $PATH."""
+    u = userns.plan(spec)
+    e = execve.plan(command, str(spec.project), u.home, u.user, u.shell, spec.env, spec.no_api_key,
+                    tty, dict(os.environ))
+    m = mountns.plan(str(spec.project), home_source, u.home, u.passwd(), u.group(),
+                     spec.writable_git, e.host_binds)
+    return Plans(spec, u, m, pidns.plan(), netns.plan(spec.network), utsns.plan(spec.hostname), e)
+
+
+@dataclass
+class Outcome:
+    """What the launcher learned: the agent's status, or the error that stopped the launch."""
+
+    status: AgentStatus | None = None
+    error: StepError | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.status is not None:
+            return self.status.exit_code
+        return self.error.exit_code if self.error else ExitCode.NSBOX
+
+
+NAMESPACES = (CloneFlag.CLONE_NEWNS | CloneFlag.CLONE_NEWNET | CloneFlag.CLONE_NEWIPC
+              | CloneFlag.CLONE_NEWUTS | CloneFlag.CLONE_NEWCGROUP | CloneFlag.CLONE_NEWPID)
+
+
+# ---- the four roles ---------------------------------------------------------------------
+
+
+def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: bool) -> Outcome:
+    events: list[dict[str, Any]] = []
+    step = Steps(LAUNCHER, None, spec.trace, events)
+    with step("spec.validate"):
+        spec = spec.resolved()
+    assert spec.name is not None
+    with step("config.prepare_home"):
+        home = config.prepare_home(spec.name, spec.fresh)
+    plans = make_plans(spec, command, stdin_is_tty, str(home))
+
+    mine, theirs = Channel.pair()
+    errors = ErrorPipe()
+    with step("process.fork_holder"):
+        holder_pid = process.fork_role("holder", lambda: holder(plans, theirs, errors), errors)
+    theirs.close()
+    errors.close_write()
+    outcome = Outcome()
+    holder_status: int | None = None
+    try:
+        # sync 1: the holder owns a new user namespace and waits for its id maps.
+        msg, _ = mine.expect("userns-ready")
+        if msg["kind"] == "userns-ready":
+            with step("userns.write_maps"):
+                userns.write_maps(plans.userns, holder_pid)
+            mine.send("maps-written")
+            # sync 2: the holder forked init; sync 3: init built the root.
+            init_msg, _ = mine.expect("init-forked")
+            ready, fds = mine.expect("root-ready") if init_msg["kind"] == "init-forked" else (init_msg, [])
+            if ready["kind"] == "root-ready":
+                with step("process.supervise"):
+                    holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), fds, outcome)
+    finally:
+        status = holder_status if holder_status is not None else os.waitpid(holder_pid, 0)[1]
+        outcome.events = sorted(events + mine.events + outcome.events, key=lambda e: float(e.get("t", 0)))
+        mine.close()
+        for err in errors.read_all():
+            outcome.error = outcome.error or err
+        if outcome.status is None and outcome.error is None:
+            outcome.error = StepError("process.supervise", "wait for the sandbox",
+                                      detail=f"it ended without a status (holder: {process.exit_code_of(status)})")
+    return outcome
+
+
+def holder(plans: Plans, chan: Channel, errors: ErrorPipe) -> int:
+    step = Steps(HOLDER, chan, plans.spec.trace, [])
+    with step("userns.unshare"):
+        userns.unshare(plans.userns)
+    chan.send("userns-ready")  # sync 1
+    if chan.expect("maps-written")[0]["kind"] != "maps-written":
+        return ExitCode.NSBOX  # the launcher is gone
+    with step("process.unshare_rest"):  # sync 2
+        syscalls.unshare(NAMESPACES)
+    with step("process.fork_init"):
+        init_pid = process.fork_role("init", lambda: init(plans, chan, errors), errors)
+    chan.send("init-forked", init_pid=init_pid)
+    _, status = os.waitpid(init_pid, 0)
+    return process.exit_code_of(status)
+
+
+def init(plans: Plans, chan: Channel, errors: ErrorPipe) -> int:
+    step = Steps(INIT, chan, plans.spec.trace, [])
+    with step("mountns.make_private"):
+        mountns.make_private(plans.mountns)
+    with step("mountns.enter_scratch"):
+        mountns.enter_scratch(plans.mountns)
+    with step("mountns.build_root"):
+        mountns.build_root(plans.mountns)
+    with step("pidns.mount_proc"):
+        pidns.mount_proc(plans.pidns, mountns.NEW, mountns.HOST)
+    with step("mountns.seal"):
+        mountns.seal(plans.mountns)
+    with step("mountns.pivot_root"):
+        mountns.pivot_root(plans.mountns)
+    with step("netns.bring_up_loopback"):
+        netns.bring_up_loopback(plans.netns)
+    with step("utsns.set_hostname"):
+        utsns.set_hostname(plans.utsns)
+    with step("terminal.open_pty"):
+        master, slave = terminal.open_pty() if plans.execve.tty else (-1, None)
+        chan.send("root-ready", fds=(master,) if master >= 0 else ())  # sync 3
+        if master >= 0:
+            os.close(master)
+    if chan.expect("go")[0]["kind"] != "go":
+        return ExitCode.NSBOX  # the launcher is gone: so is the sandbox
+    with step("pidns.harden_init"):
+        pidns.harden_init(plans.pidns)
+    with step("pidns.block_signals"):
+        pidns.block_signals(plans.pidns)
+    with step("process.fork_agent"):
+        agent_pid = process.fork_role("agent", lambda: agent(plans, chan, slave), errors)
+    if slave is not None:
+        os.close(slave)
+    with step("pidns.reap"):
+        status = pidns.reap(plans.pidns, agent_pid)
+    chan.send("agent-exit", status=status)
+    return process.exit_code_of(status)
+
+
+def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
+    step = Steps(AGENT, chan, plans.spec.trace, [])
+    with step("execve.prepare"):
+        execve.prepare(plans.execve, tty_fd)
+    with step("execve.execve"):
+        execve.execve(plans.execve)
+    raise AssertionError("execve returned")
+
+
+def _supervise(chan: Channel, holder_pid: int, init_pid: int, fds: list[int], outcome: Outcome) -> int:
+    """Role LAUNCHER, after sync 3: relay the terminal, forward signals, collect the status.
+
+    One thread, one select loop: the launcher may not start threads before the last
+    fork, and the last fork (the agent) happens after "go". Returns the holder's wait
+    status.
+    """
+    relay = terminal.Relay(fds[0]) if fds else None
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+               signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD)
+    old_handlers = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    try:
+        with relay if relay is not None else contextlib.nullcontext():
+            chan.send("go")
+            holder_status: int | None = None
+            chan_open = True
+            while holder_status is None:
+                readers = [wake_r] + ([chan.sock.fileno()] if chan_open else [])
+                writers: list[int] = []
+                if relay is not None:
+                    readers += relay.read_fds()
+                    writers += relay.write_fds()
+                try:
+                    readable, writable, _ = select.select(readers, writers, [], 1.0)
+                except InterruptedError:
+                    continue
+                for fd in readable:
+                    if fd == wake_r:
+                        for signum in os.read(wake_r, 256):
+                            if signum == signal.SIGWINCH and relay is not None:
+                                relay.copy_window_size()
+                            elif signum not in (signal.SIGCHLD, signal.SIGWINCH):
+                                with contextlib.suppress(ProcessLookupError):
+                                    os.kill(init_pid, signum)
+                    elif fd == chan.sock.fileno():
+                        msg, extra = chan.receive()
+                        for f in extra:
+                            os.close(f)
+                        if msg["kind"] == "eof":
+                            chan_open = False
+                        elif msg["kind"] == "agent-exit":
+                            outcome.status = AgentStatus.from_wait_status(int(msg["status"]))
+                        elif msg["kind"] == "event":
+                            outcome.events.append(msg)
+                    elif relay is not None:
+                        relay.on_readable(fd)
+                for fd in writable:
+                    if relay is not None:
+                        relay.on_writable(fd)
+                pid, status = os.waitpid(holder_pid, os.WNOHANG)
+                if pid != 0:
+                    holder_status = status
+            if relay is not None:
+                relay.drain()
+            while chan_open:  # the last messages (agent-exit) may still be queued
+                msg, extra = chan.receive() if select.select([chan.sock], [], [], 0)[0] else ({"kind": "eof"}, [])
+                if msg["kind"] == "agent-exit":
+                    outcome.status = AgentStatus.from_wait_status(int(msg["status"]))
+                chan_open = msg["kind"] != "eof"
+            return holder_status
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def launch(spec: SandboxSpec, command: tuple[str, ...] | None = None,
+           stdin_is_tty: bool | None = None) -> Outcome:
+    """Run one sandbox to completion. Returns the Outcome; never raises StepError."""
+    tty = os.isatty(0) if stdin_is_tty is None else stdin_is_tty
+    try:
+        return launcher(spec, command, tty)
+    except StepError as e:
+        return Outcome(error=e)

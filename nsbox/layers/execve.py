@@ -1,0 +1,150 @@
+"""execve: the last steps of the agent process, and what it starts with.
+
+The command starts with nothing inherited by accident:
+
+- a clean environment, built from an allowlist (spec.ENV_PASSTHROUGH, LC_*), plus PATH,
+  HOME, USER, LOGNAME, SHELL, plus what `--env` names; ANTHROPIC_API_KEY only when set
+  and not `--no-api-key`. Secrets go through the environment of execve(2), never argv;
+- every signal disposition back to default and none blocked (CPython ignores SIGPIPE
+  and SIGXFSZ, and an ignored disposition survives exec);
+- a new session (setsid), so it has no controlling terminal of the host: TIOCSTI cannot
+  reach the caller's terminal. With a terminal, its controlling terminal is a pty from
+  the sandbox's own devpts, relayed by the launcher;
+- every fd >= 3 closed at exec (close_range(CLOSE_RANGE_CLOEXEC)), whatever the caller
+  passed to nsbox;
+- the working directory is the project.
+
+Kernel docs: execve(2), setsid(2), tty_ioctl(4) TIOCSCTTY, close_range(2), signal(7).
+Order:       prepare after init forks the agent; execve is the very last step.
+Verify:      /proc/self/fd holds only 0, 1, 2; `grep SigIgn /proc/self/status` is all
+             zero in a shell; `env` shows only the allowlist; `tty` names /dev/pts/N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+
+from nsbox import syscalls
+from nsbox.errors import ExitCode, StepError, acting, usage_error
+from nsbox.layers.mountns import AGENT_BIN
+from nsbox.spec import ENV_PASSTHROUGH, ENV_PASSTHROUGH_PREFIXES
+
+AGENT_COMMAND = ("claude", "--dangerously-skip-permissions")
+INSIDE_PATH = f"{AGENT_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SECRET_NAMES = ("ANTHROPIC_API_KEY",)
+
+
+@dataclass(frozen=True)
+class ExecvePlan:
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    tty: bool  # the agent gets a pty of the sandbox's devpts
+    host_binds: tuple[tuple[str, str], ...]  # (host file, inside path) resolved on the host
+
+    def describe(self) -> list[str]:
+        shown = [f"{k}=<redacted>" if k in SECRET_NAMES else f"{k}={v}" for k, v in self.env]
+        return [
+            f"execve {list(self.argv)} in {self.cwd}",
+            "environment (nothing else): " + " ".join(shown),
+            "signals default, none blocked; fds >= 3 closed; new session; "
+            + ("controlling terminal: a pty of the sandbox's devpts" if self.tty else "no controlling terminal"),
+        ] + [f"{host} bound read-only at {inside} (found on the host PATH)" for host, inside in self.host_binds]
+
+
+def plan(
+    command: tuple[str, ...] | None,
+    project: str,
+    home: str,
+    user: str,
+    shell: str,
+    extra_env: tuple[str, ...],
+    no_api_key: bool,
+    tty: bool,
+    caller_env: dict[str, str],
+) -> ExecvePlan:
+    host_binds: tuple[tuple[str, str], ...] = ()
+    if not command:
+        # The default command is the agent. In host mode it is found on the caller's PATH
+        # (often ~/.local/bin or an npm prefix, which the sandbox does not see) and its
+        # real file is bound read-only into the sandbox.
+        found = shutil.which(AGENT_COMMAND[0], path=caller_env.get("PATH", os.defpath))
+        if not found:
+            raise StepError(
+                "execve.plan", f"find {AGENT_COMMAND[0]!r} on the caller's PATH", detail="not found",
+                exit_code=ExitCode.NOT_FOUND,
+                fix="install Claude Code (npm install -g @anthropic-ai/claude-code), "
+                    "or give a command: nsbox run PROJECT -- bash",
+            )
+        real = os.path.realpath(found)
+        host_binds = ((real, f"{AGENT_BIN}/{AGENT_COMMAND[0]}"),)
+        command = AGENT_COMMAND
+    env: dict[str, str] = {}
+    for key, value in caller_env.items():
+        if key in ENV_PASSTHROUGH or key.startswith(ENV_PASSTHROUGH_PREFIXES):
+            env[key] = value
+    env.update(PATH=INSIDE_PATH, HOME=home, USER=user, LOGNAME=user, SHELL=shell)
+    if not no_api_key and caller_env.get("ANTHROPIC_API_KEY"):
+        env["ANTHROPIC_API_KEY"] = caller_env["ANTHROPIC_API_KEY"]
+    for item in extra_env:
+        key, sep, value = item.partition("=")
+        if sep:
+            env[key] = value
+        elif key in caller_env:
+            env[key] = caller_env[key]
+        else:
+            raise usage_error("execve.plan", f"--env {key}: {key} is not set in the caller's environment",
+                              fix=f"give a value: --env {key}=VALUE")
+    return ExecvePlan(tuple(command), tuple(sorted(env.items())), project, tty, host_binds)
+
+
+def prepare(p: ExecvePlan, tty_fd: int | None) -> None:
+    """Role AGENT: session, terminal, signals, working directory, fds."""
+    step = "execve.prepare"
+    with acting(step, "setsid()"):
+        os.setsid()
+    if tty_fd is not None:
+        with acting(step, "ioctl(pty, TIOCSCTTY)"):
+            fcntl.ioctl(tty_fd, syscalls.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(tty_fd, fd)  # dup2 makes 0-2 inheritable, as they must be
+            if tty_fd > 2:
+                os.close(tty_fd)
+    with acting(step, "reset signal dispositions"):
+        for sig in signal.valid_signals():
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            with contextlib.suppress(OSError, ValueError):  # signals Python refuses to touch
+                signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    with acting(step, f"chdir({p.cwd!r})"):
+        os.chdir(p.cwd)
+    with acting(step, "close_range(3, ~0, CLOSE_RANGE_CLOEXEC)"):
+        syscalls.close_range_cloexec(3)
+
+
+def _lookup(p: ExecvePlan) -> str:
+    name = p.argv[0]
+    if "/" in name:
+        return name
+    for d in dict(p.env).get("PATH", INSIDE_PATH).split(":"):
+        candidate = os.path.join(d or ".", name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise StepError("execve.execve", f"execve({name!r})", 2, detail="not found on the sandbox's PATH",
+                    exit_code=ExitCode.NOT_FOUND)
+
+
+def execve(p: ExecvePlan) -> None:
+    """Role AGENT: the last step. Success closes the error pipe (it is close-on-exec)."""
+    path = _lookup(p)
+    try:
+        os.execve(path, list(p.argv), dict(p.env))
+    except OSError as e:
+        code = ExitCode.NOT_FOUND if e.errno == 2 else ExitCode.NOT_EXECUTABLE
+        raise StepError("execve.execve", f"execve({path!r})", e.errno, exit_code=code) from e

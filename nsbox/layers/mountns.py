@@ -1,0 +1,275 @@
+"""Mount namespace: the filesystem the agent sees, built from nothing.
+
+init gets its own copy of the host's mount table (unshare CLONE_NEWNS) and then:
+
+1. `make_private`: makes every mount private, so no mount event travels back to the host;
+2. `enter_scratch`: mounts a small tmpfs and pivots into it. The host's root is now at
+   /oldroot, and every bind below takes its source from there. Building the new root
+   from /oldroot, not from live host paths, means nothing we mount can hide a source we
+   still need (the project may well live under the host's /tmp);
+3. `build_root`: a fresh tmpfs at /newroot and, in depth order, the mounts of the plan:
+   /usr /bin /sbin /lib* /etc /opt read-only (what exists; symlinks such as Debian's
+   /bin -> usr/bin are recreated as symlinks), nothing of the caller's home, the
+   project read-write at its own absolute path (nosuid, nodev), the files in the project
+   that later run on the host re-bound read-only (`PROTECTED_PATHS`), a private
+   persistent $HOME, /tmp as tmpfs, a minimal /dev;
+4. (`pidns.mount_proc` mounts /proc here, while the host's /proc is still visible);
+5. `seal`: the new root's own tmpfs and /dev become read-only;
+6. `pivot_root`: / becomes the new root and the old one (with /oldroot) is detached.
+
+Read-only binds use mount_setattr(2) with AT_RECURSIVE, which reaches every submount and
+never trips over flags the kernel locked on mounts inherited from the host.
+
+Kernel docs: mount_namespaces(7), pivot_root(2) (the "pivot_root('.', '.')" note),
+             mount_setattr(2), Documentation/filesystems/sharedsubtree.rst.
+Order:       after the user namespace (so the mounts belong to it); before caps are
+             dropped (mounting needs CAP_SYS_ADMIN in that namespace).
+Verify:      writing under /usr fails with EROFS; the project is writable; a file in the
+             caller's home is absent; `.git/hooks/x` cannot be created; /dev lists only
+             the nodes below; /proc/self/mountinfo shows no /oldroot.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from nsbox import syscalls
+from nsbox.errors import StepError, acting, usage_error
+from nsbox.syscalls import MountAttr, MountFlag
+
+SCRATCH = "/tmp"  # a directory every host has; the scratch tmpfs hides it only in our namespace
+HOST = "/oldroot"  # where the host's root is while the new root is built
+NEW = "/newroot"  # where the new root is built
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# Files in the project that the host runs later (git runs hooks and obeys core.* settings
+# such as core.fsmonitor or core.hooksPath on the host); --writable-git opts out.
+PROTECTED_PATHS = (".git/hooks", ".git/config")
+AGENT_BIN = "/run/nsbox/bin"  # where host-resolved commands (the agent binary) are bound
+
+_RO = MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
+_RW = MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One entry of the new root. `target` is an inside path."""
+
+    kind: str  # bind | tmpfs | devpts | symlink | file | dir
+    target: str
+    source: str = ""  # bind: host path; symlink: link text; file: content
+    readonly: bool = True
+    options: str = ""  # tmpfs/devpts mount data
+    why: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "bind":
+            flags = "ro,nosuid,nodev" if self.readonly else "rw,nosuid,nodev"
+            return f"bind {self.source} -> {self.target} ({flags})"
+        if self.kind in ("tmpfs", "devpts"):
+            return f"{self.kind} {self.target} ({self.options or 'defaults'}{',ro' if self.readonly else ''})"
+        if self.kind == "symlink":
+            return f"symlink {self.target} -> {self.source}"
+        if self.kind == "file":
+            return f"file {self.target} (generated, ro)"
+        return f"dir {self.target}"
+
+
+@dataclass(frozen=True)
+class MountNsPlan:
+    mounts: tuple[Mount, ...]
+    project: str
+
+    def describe(self) -> list[str]:
+        return ["new mount namespace, private propagation; pivot_root into a fresh tmpfs root (ro)"] + [
+            "  " + m.describe() + (f"   # {m.why}" if m.why else "") for m in self.ordered()
+        ]
+
+    def ordered(self) -> list[Mount]:
+        # Parents before children: /tmp before a project that lives under /tmp.
+        return sorted(self.mounts, key=lambda m: m.target.rstrip("/").count("/"))
+
+
+def _depth_ok(path: str) -> None:
+    if not os.path.isabs(path) or "/../" in path + "/" or "//" in path:
+        raise usage_error("mountns.plan", f"{path!r} is not a clean absolute path")
+
+
+def plan(
+    project: str,
+    home_source: str,
+    home_target: str,
+    passwd: str,
+    group: str,
+    writable_git: bool = False,
+    extra_ro_binds: tuple[tuple[str, str], ...] = (),
+) -> MountNsPlan:
+    """The mounts of a host-mode sandbox. Pure, except for lstat() of the host paths it names."""
+    _depth_ok(project)
+    mounts: list[Mount] = []
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            mounts.append(Mount("symlink", d, os.readlink(d), why="as on the host (merged /usr)"))
+        elif os.path.isdir(d):
+            mounts.append(Mount("bind", d, d, why="host system files, read-only"))
+    mounts += [
+        Mount("file", "/etc/passwd", passwd, why="only root, the agent's user and nobody"),
+        Mount("file", "/etc/group", group),
+        Mount("bind", home_target, home_source, readonly=False, why="private $HOME, persistent per sandbox name"),
+        Mount("bind", project, project, readonly=False, why="the project, at its own path"),
+        Mount("tmpfs", "/tmp", readonly=False, options="mode=1777", why="private /tmp"),
+        Mount("dir", "/proc", why="procfs is mounted here by pidns.mount_proc"),
+        Mount("dir", "/run/nsbox"),
+    ]
+    if not writable_git:
+        for rel in PROTECTED_PATHS:
+            path = os.path.join(project, rel)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise usage_error(
+                    "mountns.plan", f"{path} is a symbolic link; nsbox protects it and will not follow it",
+                    fix=f"inspect it (ls -l {path}); replace it with a real file or directory, "
+                        "or run with --writable-git",
+                )
+            mounts.append(Mount("bind", path, path, why="runs on the host later: read-only (--writable-git)"))
+    mounts += _dev_mounts()
+    for source, target in extra_ro_binds:
+        mounts.append(Mount("bind", target, source, why="resolved on the host"))
+    return MountNsPlan(tuple(mounts), project)
+
+
+def _dev_mounts() -> list[Mount]:
+    m = [Mount("tmpfs", "/dev", options="mode=0755", why="minimal /dev; no host device but these")]
+    m += [Mount("bind", f"/dev/{d}", f"/dev/{d}", readonly=False) for d in DEVICES]
+    m += [
+        Mount("devpts", "/dev/pts", readonly=False, options="newinstance,ptmxmode=0666,mode=0620",
+              why="the sandbox's own ptys; none of the host's"),
+        Mount("symlink", "/dev/ptmx", "pts/ptmx"),
+        Mount("tmpfs", "/dev/shm", readonly=False, options="mode=1777"),
+        Mount("symlink", "/dev/fd", "/proc/self/fd"),
+        Mount("symlink", "/dev/stdin", "/proc/self/fd/0"),
+        Mount("symlink", "/dev/stdout", "/proc/self/fd/1"),
+        Mount("symlink", "/dev/stderr", "/proc/self/fd/2"),
+    ]
+    return m
+
+
+# ---- steps (role INIT) ------------------------------------------------------------------
+
+
+def make_private(p: MountNsPlan) -> None:
+    """Before any mount: no mount or unmount we do may propagate to the host."""
+    with acting("mountns.make_private", "mount(None, '/', MS_REC|MS_PRIVATE)"):
+        syscalls.mount(None, "/", None, MountFlag.MS_REC | MountFlag.MS_PRIVATE)
+
+
+def enter_scratch(p: MountNsPlan) -> None:
+    """Pivot into a scratch tmpfs; the host root stays reachable at /oldroot until detached."""
+    step = "mountns.enter_scratch"
+    with acting(step, f"mount('tmpfs', {SCRATCH!r}, 'tmpfs', MS_NOSUID|MS_NODEV)"):
+        syscalls.mount("tmpfs", SCRATCH, "tmpfs", MountFlag.MS_NOSUID | MountFlag.MS_NODEV, "mode=0700,size=4m")
+    with acting(step, f"pivot_root({SCRATCH!r}, {SCRATCH + HOST!r})"):
+        os.chdir(SCRATCH)
+        os.mkdir(HOST[1:])
+        os.mkdir(NEW[1:])
+        syscalls.pivot_root(".", HOST[1:])
+        os.chdir("/")
+
+
+def _host(path: str) -> str:
+    return HOST + path
+
+
+def _new(path: str) -> str:
+    return NEW + path
+
+
+def _make_mountpoint(target: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.lexists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+
+
+def _bind(m: Mount, index: int) -> None:
+    step = "mountns.build_root"
+    source, target = _host(m.source), _new(m.target)
+    with acting(step, f"lstat({m.source!r})"):
+        st = os.lstat(source)
+    if stat.S_ISLNK(st.st_mode):
+        # Never follow a symlink as a bind source: it may point anywhere on the host.
+        raise StepError(step, f"bind {m.source}", detail="the source is a symbolic link; refusing to follow it")
+    if m.target.startswith("/dev/") and not stat.S_ISCHR(st.st_mode):
+        raise StepError(step, f"bind {m.source}", detail="expected a character device on the host")
+    with acting(step, f"mkdir/create mount point {m.target!r}"):
+        _make_mountpoint(target, stat.S_ISDIR(st.st_mode))
+    with acting(step, f"mount({m.source!r}, {m.target!r}, MS_BIND|MS_REC)"):
+        syscalls.mount(source, target, None, MountFlag.MS_BIND | MountFlag.MS_REC)
+    attrs = _RO if m.readonly else _RW
+    with acting(step, f"mount_setattr({m.target!r}, {attrs!s}, AT_RECURSIVE)"):
+        syscalls.mount_setattr(target, attrs, recursive=True)
+
+
+def build_root(p: MountNsPlan) -> None:
+    """A fresh tmpfs root with the plan's mounts, parents before children."""
+    step = "mountns.build_root"
+    with acting(step, f"mount('tmpfs', {NEW!r}, 'tmpfs', MS_NOSUID|MS_NODEV)"):
+        syscalls.mount("tmpfs", NEW, "tmpfs", MountFlag.MS_NOSUID | MountFlag.MS_NODEV, "mode=0755")
+    for i, m in enumerate(p.ordered()):
+        target = _new(m.target)
+        if m.kind == "bind":
+            _bind(m, i)
+        elif m.kind in ("tmpfs", "devpts"):
+            flags = MountFlag.MS_NOSUID | MountFlag.MS_NODEV
+            if m.kind == "devpts":
+                flags |= MountFlag.MS_NOEXEC
+            with acting(step, f"mount({m.kind!r}, {m.target!r}, {m.kind!r}, {flags!s}, {m.options!r})"):
+                os.makedirs(target, exist_ok=True)
+                syscalls.mount(m.kind, target, m.kind, flags, m.options)
+        elif m.kind == "symlink":
+            with acting(step, f"symlink({m.source!r}, {m.target!r})"):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.symlink(m.source, target)
+        elif m.kind == "dir":
+            with acting(step, f"mkdir({m.target!r})"):
+                os.makedirs(target, exist_ok=True)
+        elif m.kind == "file":
+            # The content lives on the scratch tmpfs; bound read-only onto its target.
+            staged = f"/file{i}"
+            with acting(step, f"bind generated file onto {m.target!r}"):
+                with open(staged, "w") as f:
+                    f.write(m.source)
+                _make_mountpoint(target, is_dir=False)
+                syscalls.mount(staged, target, None, MountFlag.MS_BIND)
+                syscalls.mount_setattr(target, _RO, recursive=False)
+
+
+def seal(p: MountNsPlan) -> None:
+    """Make the root tmpfs and /dev read-only: the agent owns their inodes, so only the
+    mount flag stops it from creating files at /, /run or /dev."""
+    for inside in ("/dev", ""):
+        with acting("mountns.seal", f"mount_setattr({inside or '/'!r}, MOUNT_ATTR_RDONLY)"):
+            syscalls.mount_setattr(_new(inside) or NEW, _RO, recursive=False)
+
+
+def pivot_root(p: MountNsPlan) -> None:
+    """Make the new root '/', then detach the old root (the scratch tmpfs with the host).
+
+    pivot_root(".", ".") stacks the old root on top of the new one at "/"; the
+    umount2(MNT_DETACH) that follows takes it away, and the host's root with it. This
+    is the idiom pivot_root(2) documents and runc and bubblewrap use.
+    """
+    step = "mountns.pivot_root"
+    with acting(step, f"pivot_root('.', '.') in {NEW!r}"):
+        os.chdir(NEW)
+        syscalls.pivot_root(".", ".")
+    with acting(step, "umount2('.', MNT_DETACH)"):
+        syscalls.umount2(".", syscalls.MNT_DETACH)
+        os.chdir("/")

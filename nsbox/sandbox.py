@@ -1,0 +1,60 @@
+"""The Python API: `Sandbox(spec).run(argv) -> Result`. The CLI is a thin layer over it.
+
+    from nsbox import Sandbox, SandboxSpec
+    result = Sandbox(SandboxSpec(project="/src/app")).run(["make", "test"])
+    if not result.ok:
+        print(result.error or f"exit {result.status}")
+
+`run` forks (the launcher's children), so call it from a single-threaded process, as
+with os.fork. It never raises for a failed launch: the error is in `Result.error`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nsbox import hints, launch
+from nsbox.errors import ExitCode
+from nsbox.spec import SandboxSpec
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int  # the exit status nsbox returns: the agent's, 128+N, or 125/126/127
+    signal: int | None = None  # the signal that killed the agent, if one did
+    error: str | None = None  # the rendered nsbox error (first line `nsbox: <step>: ...`)
+    flags: frozenset[str] = frozenset()  # e.g. {"launch-failed", "signaled"}
+    events: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+
+class Sandbox:
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+
+    def plan(self, argv: list[str] | None = None) -> list[tuple[str, list[str]]]:
+        """What `run` would do, layer by layer, without changing anything."""
+        spec = self.spec.resolved()
+        assert spec.name is not None
+        from nsbox import config
+
+        home = config.sandbox_dir(spec.name) / "home"
+        return launch.make_plans(spec, tuple(argv) if argv else None, False, str(home)).describe()
+
+    def run(self, argv: list[str] | None = None, stdin_is_tty: bool | None = None) -> Result:
+        """Run argv (default: the agent) in a new sandbox and wait for it."""
+        outcome = launch.launch(self.spec, tuple(argv) if argv else None, stdin_is_tty)
+        flags: set[str] = set()
+        error = None
+        if outcome.error is not None:
+            error = hints.explain(outcome.error).render()
+            if outcome.status is None or outcome.error.exit_code in (ExitCode.NOT_FOUND, ExitCode.NOT_EXECUTABLE):
+                flags.add("launch-failed")
+        sig = outcome.status.signal if outcome.status else None
+        if sig is not None:
+            flags.add("signaled")
+        return Result(outcome.exit_code, sig, error, frozenset(flags), tuple(outcome.events))

@@ -1,0 +1,73 @@
+"""SandboxSpec: what the user asked for, as plain frozen data, validated before anything runs.
+
+The CLI and the Python API both build a SandboxSpec; every layer's `plan()` reads it.
+Validation happens here and in the plans, before any process is forked: a bad request
+never half-starts a sandbox.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nsbox import config
+from nsbox.errors import usage_error
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# The agent's environment is built from nothing. These names pass through from the
+# caller when set; everything else (SSH_AUTH_SOCK, DBUS_*, AWS_*, tokens...) stays out
+# unless named with --env. LC_* is matched as a prefix.
+ENV_PASSTHROUGH = ("TERM", "COLORTERM", "LANG", "LANGUAGE", "TZ", "NO_COLOR")
+ENV_PASSTHROUGH_PREFIXES = ("LC_",)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """One sandbox run. Paths are host paths; `project` is mounted at the same path inside."""
+
+    project: Path = field(default_factory=Path.cwd)
+    uid: int = 1000
+    gid: int | None = None  # default: the same number as uid
+    name: str | None = None  # default: derived from the project path
+    fresh: bool = False
+    hostname: str = "nsbox"
+    env: tuple[str, ...] = ()  # NAME (take the caller's value) or NAME=VALUE
+    no_api_key: bool = False
+    writable_git: bool = False
+    network: str = "none"
+    trace: bool = False  # report every step as an event (--verbose, --log)
+
+    def resolved(self) -> SandboxSpec:
+        """Validate and fill the defaults; raise StepError("spec.validate") on a bad request."""
+        project = Path(os.path.realpath(self.project))
+        if not project.is_dir():
+            raise usage_error("spec.validate", f"project {str(self.project)!r} is not a directory",
+                              fix="give an existing directory: nsbox run /path/to/project")
+        if project == Path("/"):
+            raise usage_error("spec.validate", "the project cannot be / (it would expose the whole host)",
+                              fix="give the project's own directory")
+        if not 0 <= self.uid <= 65534:
+            raise usage_error("spec.validate", f"--uid {self.uid} is out of range 0..65534")
+        gid = self.uid if self.gid is None else self.gid
+        if not 0 <= gid <= 65534:
+            raise usage_error("spec.validate", f"gid {gid} is out of range 0..65534")
+        name = self.name or config.default_name(project)
+        if not config.valid_name(name):
+            raise usage_error("spec.validate", f"--name {name!r} is not a valid sandbox name",
+                              fix="use letters, digits, '.', '_' and '-' (at most 64)")
+        if not _HOSTNAME.match(self.hostname):
+            raise usage_error("spec.validate", f"--hostname {self.hostname!r} is not a valid host name")
+        for item in self.env:
+            key = item.split("=", 1)[0]
+            if not _ENV_NAME.match(key):
+                raise usage_error("spec.validate", f"--env {item.split('=', 1)[0]!r} is not a variable name")
+        if self.network != "none":
+            raise usage_error("spec.validate", f"--network {self.network!r} is not available yet",
+                              fix="use --network none (the default)")
+        return SandboxSpec(project=project, uid=self.uid, gid=gid, name=name, fresh=self.fresh,
+                           hostname=self.hostname, env=self.env, no_api_key=self.no_api_key,
+                           writable_git=self.writable_git, network=self.network, trace=self.trace)

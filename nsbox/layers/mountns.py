@@ -52,6 +52,7 @@ AGENT_BIN = "/run/nsbox/bin"  # where host-resolved commands (the agent binary) 
 
 _RO = MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
 _RW = MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
+_DEVICE = MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NOEXEC
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ def _bind(m: Mount, index: int) -> None:
     with acting(step, f"mount({m.source!r}, {m.target!r}, MS_BIND|MS_REC)"):
         syscalls.mount(source, target, None, MountFlag.MS_BIND | MountFlag.MS_REC)
     attrs = _RO if m.readonly else _RW
+    if stat.S_ISCHR(st.st_mode):
+        attrs = _DEVICE  # nodev on a device's own mount would make it unusable (EACCES)
     with acting(step, f"mount_setattr({m.target!r}, {attrs!s}, AT_RECURSIVE)"):
         syscalls.mount_setattr(target, attrs, recursive=True)
 

@@ -78,8 +78,10 @@ def mount_proc(p: PidNsPlan, new_root: str, host_root: str) -> None:
                 syscalls.mount("tmpfs", target, "tmpfs", MountFlag.MS_RDONLY | MountFlag.MS_NOSUID
                                | MountFlag.MS_NODEV | MountFlag.MS_NOEXEC, "size=0,mode=0555")
         else:
-            with acting(step, f"mask {path}: bind /dev/null"):
+            with acting(step, f"mask {path}: bind /dev/null, read-only"):
                 syscalls.mount(host_root + "/dev/null", target, None, MountFlag.MS_BIND)
+                syscalls.mount_setattr(target, MountAttr.MOUNT_ATTR_RDONLY | MountAttr.MOUNT_ATTR_NOSUID
+                                       | MountAttr.MOUNT_ATTR_NOEXEC, recursive=False)
     for path in READONLY_PATHS:
         target = new_root + path
         if not os.path.isdir(target):

@@ -1,0 +1,90 @@
+"""Shared test set-up: refuse root, run the real CLI, plant canaries.
+
+Every test runs the real `nsbox` CLI in a subprocess against the real kernel, as an
+unprivileged user. As root every layer would pass for the wrong reason, so the suite
+refuses to run as root: CI runs it through scripts/test, which drops to a test user.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() == 0:
+        pytest.exit(
+            "nsbox tests must run unprivileged: as root every layer passes for the wrong reason.\n"
+            "Run scripts/test (it creates a test user and drops to it).",
+            returncode=2,
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    def read(p: str) -> str:
+        try:
+            return Path(p).read_text().strip()
+        except OSError:
+            return "absent"
+
+    return [
+        f"nsbox tests as uid {os.getuid()}, kernel {os.uname().release}",
+        f"user.max_user_namespaces={read('/proc/sys/user/max_user_namespaces')}",
+    ]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The launcher's environment: private XDG dirs per test, nothing else of ours."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "NSBOX_"))}
+    e["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
+    e["XDG_CONFIG_HOME"] = str(tmp_path / "xdg-config")
+    e["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
+    return e
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    p = tmp_path / "project"
+    p.mkdir()
+    (p / "README").write_text("a project\n")
+    return p
+
+
+NSBOX = [sys.executable, "-m", "nsbox"]
+
+
+@pytest.fixture
+def nsbox(env: dict[str, str], project: Path) -> Iterator[object]:
+    """`nsbox(*args, cmd=...)` runs `nsbox run [args] PROJECT -- cmd` and returns a Run."""
+
+    def run(*args: str, cmd: list[str] | None = None, proj: Path | None = None, timeout: float = 60,
+            extra_env: dict[str, str] | None = None, **kw: object) -> Run:
+        argv = [*NSBOX, "run", *args, str(proj or project)]
+        if cmd is not None:
+            argv += ["--", *cmd]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                           env={**env, **(extra_env or {})}, **kw)  # type: ignore[call-overload]
+        return Run(p.returncode, p.stdout, p.stderr)
+
+    yield run
+
+
+def sh(script: str) -> list[str]:
+    return ["/bin/sh", "-c", script]

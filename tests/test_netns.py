@@ -1,0 +1,50 @@
+"""Network namespace: only lo, up; the host's loopback is another address space."""
+
+from __future__ import annotations
+
+import socket
+
+from conftest import sh
+
+PROBE = """
+import errno, socket, sys
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+    print("connected")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def test_only_lo_exists_and_is_up(nsbox):
+    r = nsbox(cmd=sh("ip -o link; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"))
+    assert r.returncode == 0, r.stderr
+    links = [line for line in r.stdout.splitlines() if ": " in line]
+    assert len(links) == 1 and links[0].split(": ")[1] == "lo"
+    assert "UP" in links[0].split("<")[1].split(">")[0].split(",")
+    assert r.stdout.splitlines()[-1] == "lo"
+
+
+def test_a_listener_on_the_hosts_loopback_is_unreachable(nsbox):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        r = nsbox(cmd=["/usr/bin/python3", "-c", PROBE, str(port)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ECONNREFUSED"
+
+
+def test_loopback_inside_works(nsbox):
+    code = ("import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(); "
+            "c=socket.create_connection(s.getsockname()); a,_=s.accept(); c.send(b'ok'); print(a.recv(2).decode())")
+    assert nsbox(cmd=["/usr/bin/python3", "-c", code]).stdout.strip() == "ok"
+
+
+def test_hostname_is_nsbox_and_settable(nsbox):
+    assert nsbox(cmd=["hostname"]).stdout.strip() == "nsbox"
+    assert nsbox("--hostname", "box-7", cmd=["hostname"]).stdout.strip() == "box-7"
+    r = nsbox(cmd=sh("hostname evil 2>&1; hostname"))
+    assert r.stdout.splitlines()[-1] == "nsbox"

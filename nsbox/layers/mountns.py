@@ -231,8 +231,8 @@ def build_root(p: MountNsPlan) -> None:
             _bind(m, i)
         elif m.kind in ("tmpfs", "devpts"):
             flags = MountFlag.MS_NOSUID | MountFlag.MS_NODEV
-            if m.kind == "devpts":
-                flags |= MountFlag.MS_NOEXEC
+            if m.kind == "devpts":  # its ptmx and pts/N are devices: nodev would make them unusable
+                flags = MountFlag.MS_NOSUID | MountFlag.MS_NOEXEC
             with acting(step, f"mount({m.kind!r}, {m.target!r}, {m.kind!r}, {flags!s}, {m.options!r})"):
                 os.makedirs(target, exist_ok=True)
                 syscalls.mount(m.kind, target, m.kind, flags, m.options)

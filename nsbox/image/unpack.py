@@ -96,6 +96,9 @@ class Budget:
     max_header: int = 1 << 20  # a PAX or GNU long-name header: stops an 8 GiB header
 
 
+DEFAULT_BUDGET = Budget()
+
+
 @dataclass(frozen=True)
 class Layer:
     """One layer blob to apply: its digest, the DiffID it must hash to, and where it is."""
@@ -133,7 +136,7 @@ class _SetupFailed(Exception):
 # The parent side: open the blobs, fork the child, turn its record into a StepError.
 
 
-def unpack_layers(layers: Sequence[Layer], target: Path, budget: Budget = Budget()) -> UnpackReport:
+def unpack_layers(layers: Sequence[Layer], target: Path, budget: Budget = DEFAULT_BUDGET) -> UnpackReport:
     """Apply `layers` in order to the empty directory `target`. Raises StepError.
 
     On failure the target holds a partial tree: callers unpack into a temporary directory
@@ -181,6 +184,7 @@ def _open_layer_stream(layer: Layer, helpers: list[subprocess.Popen[bytes]]) -> 
     try:
         with os.fdopen(os.dup(fd), "rb") as f:
             _check_digest(f, layer.digest, f"layer blob {layer.digest}")
+        os.lseek(fd, 0, os.SEEK_SET)  # the dup shares the offset; zstd must read from the start
         zstd = shutil.which("zstd")
         if zstd is None:
             raise StepError(STEP, f"decompress layer {layer.digest}", detail="the layer is zstd-compressed",
@@ -418,7 +422,7 @@ class _Tree:
         stream = _Reader(source, self.budget.max_bytes - self.bytes,
                          f"uncompressed layers exceed the size budget ({self.budget.max_bytes} bytes)")
         self.upper = set()
-        last = "(first header)"
+        last = "(start of layer)"
         try:
             with tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|", encoding="utf-8",
                               errors="surrogateescape",
@@ -432,9 +436,9 @@ class _Tree:
             raise
         except tarfile.ReadError as e:
             if not (stream.count == 0 and "empty file" in str(e)):  # a 0-byte layer is empty
-                raise UnsafeEntry(f"(header after {last!r})", "read tar", str(e)) from e
+                raise UnsafeEntry(last, "read the tar header after this entry", str(e)) from e
         except tarfile.TarError as e:
-            raise UnsafeEntry(f"(header after {last!r})", "read tar", str(e)) from e
+            raise UnsafeEntry(last, "read the tar header after this entry", str(e)) from e
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise UnsafeEntry(last, "decompress", str(e) or type(e).__name__) from e
         except _ZSTD_ERRORS as e:

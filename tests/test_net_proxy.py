@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nsbox.net import (
     ApiKeyInjection,
@@ -441,14 +443,17 @@ def test_bad_chunk_in_request_body_is_400():
      "LOCALHOST", "169.254.169.254", "0.0.0.0"],
 )
 def test_ssrf_forms_are_refused_through_the_proxy(target):
-    with http_upstream() as (port, seen), running(("*.example.test", "localhost"),
-                                                  (f"www.example.test:{port}:127.0.0.1",)) as p:
+    # Every canonical form is even on the allowlist: only the literal/localhost check
+    # stands between the agent and the loopback server.
+    literals = ("127.0.0.1", "[::1]", "[::ffff:7f00:1]", "169.254.169.254", "0.0.0.0", "localhost")
+    with http_upstream() as (port, seen), running(tuple(f"{h}:{port}" for h in literals)) as p:
         out = exchange(p, f"GET http://{target}:{port}/ HTTP/1.1\r\n\r\n".encode())
         assert out.startswith(b"HTTP/1.1 403 "), out[:200]
+        assert b"to allow it: if you trust it: nsbox run --resolve " in out
         out = exchange(p, f"CONNECT {target}:{port} HTTP/1.1\r\n\r\n".encode())
         assert out.startswith(b"HTTP/1.1 403 "), out[:200]
         assert seen == []
-        assert all(e["decision"] == "denied" for e in p.wait_events(2))
+        assert [e["code"] in ("literal-ip", "localhost") for e in p.wait_events(2)] == [True, True]
 
 
 def test_allowed_name_resolving_to_loopback_is_refused():
@@ -625,3 +630,51 @@ def test_connection_limit_answers_503():
         assert out.startswith(b"HTTP/1.1 503 ")
         for s in held:
             s.close()
+
+
+_requests = st.builds(
+    lambda method, target, version, headers, body: (
+        f"{method} {target} {version}\r\n".encode("latin-1")
+        + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        + b"\r\n"
+        + body
+    ),
+    st.sampled_from(["GET", "CONNECT", "POST", "HEAD", "G T", "", "\x00"]),
+    st.one_of(
+        st.sampled_from(["http://a.example.test/", "a.example.test:443", "http://[::1]:80/", "http://a:b@c/",
+                         "http://a.example.test:0/", "*", "/", "http://%61.test/", "http://a.example.test:80x/"]),
+        st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=255), max_size=40),
+    ),
+    st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "http/1.1", "HTTP/1.1 extra", ""]),
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Host", b"Connection", b"Expect",
+                             b"X", b"Bad Name", b""]),
+            st.one_of(st.sampled_from([b"chunked", b"5", b"-1", b"1, 2", b"100-continue", b"close"]),
+                      st.binary(max_size=20)),
+        ),
+        max_size=5,
+    ),
+    st.binary(max_size=40),
+)
+
+
+def test_fuzzed_requests_get_a_status_or_a_close_never_a_crash():
+    with running(("a.example.test",)) as p:
+
+        @settings(database=None, max_examples=200, deadline=None)
+        @given(st.one_of(st.binary(max_size=200), _requests))
+        def check(data: bytes) -> None:
+            with p.connect() as s:
+                s.settimeout(10)
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            if out:
+                assert out.startswith(b"HTTP/1.1 "), out[:100]
+
+        check()
+        assert [e for e in p.events if e["code"] == "internal-error"] == []
+        assert all(e["decision"] == "denied" for e in p.events)

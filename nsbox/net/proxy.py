@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsbox.net.rules import Decision, Pin, Policy, Resolver, Rule
+from nsbox.net.rules import Decision, HostError, Pin, Policy, Resolver, Rule, normalize_host
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -366,6 +366,32 @@ class _Exchange:
     bytes_down: int = 0
 
 
+def _event(
+    *, method: str = "", host: str = "", port: int = 0, allowed: bool = False, code: str, reason: str,
+    status: int | None = None, address: str | None = None, bytes_up: int = 0, bytes_down: int = 0,
+    api_key_injected: bool = False, duration_ms: int = 0, error: str | None = None,
+) -> dict[str, Any]:
+    """The audit record of one proxy decision (one per request or tunnel, emitted when
+    it ends, so the byte counts are final). Never contains a key or a URL path."""
+    return {
+        "event": "proxy",
+        "method": method,
+        "host": host,
+        "port": port,
+        "decision": "allowed" if allowed else "denied",
+        "allowed": allowed,
+        "code": code,
+        "reason": reason,
+        "status": status,
+        "address": address,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "api_key_injected": api_key_injected,
+        "duration_ms": duration_ms,
+        "error": error,
+    }
+
+
 class ProxyServer:
     """Serves the already-listening socket `listen_sock` (which it now owns) in threads:
     one accept thread, one thread per client connection. `on_event` is called from those
@@ -481,10 +507,7 @@ class ProxyServer:
                 threading.Thread(target=self._linger_then_close, args=(conn,), daemon=True).start()
             else:
                 conn.close()
-            self._emit({"method": "", "host": "", "port": 0, "allowed": False, "decision": "denied",
-                        "code": "overloaded", "reason": "too many connections", "status": 503,
-                        "address": None, "bytes_up": 0, "bytes_down": 0, "api_key_injected": False,
-                        "duration_ms": 0})
+            self._emit(_event(code="overloaded", reason="too many connections", status=503))
             return
         t = threading.Thread(target=self._serve, args=(conn,), name="nsbox-proxy-conn", daemon=True)
         with self._lock:
@@ -508,10 +531,7 @@ class ProxyServer:
             while not self._stopping.is_set() and self._one_request(conn, reader):
                 pass
         except Exception as e:  # a bug must end this connection, never the launcher
-            self._emit({"method": "", "host": "", "port": 0, "allowed": False, "decision": "denied",
-                        "code": "internal-error", "reason": f"{type(e).__name__}: {e}", "status": None,
-                        "address": None, "bytes_up": 0, "bytes_down": 0, "api_key_injected": False,
-                        "duration_ms": 0})
+            self._emit(_event(code="internal-error", reason=f"{type(e).__name__}: {e}"))
         finally:
             _lingering_close(conn)
             self._untrack(conn)
@@ -531,21 +551,21 @@ class ProxyServer:
         if allowed and ex.error:
             reason = f"{reason}; {ex.error}"
         self._emit(
-            {
-                "method": ex.method,
-                "host": d.host if d and d.host else ex.host,
-                "port": ex.port,
-                "allowed": allowed,
-                "decision": "allowed" if allowed else "denied",
-                "code": d.code if d else "malformed",
-                "reason": reason,
-                "status": ex.status,
-                "address": ex.address,
-                "bytes_up": reader.consumed - ex.up_start,
-                "bytes_down": ex.bytes_down,
-                "api_key_injected": ex.injected,
-                "duration_ms": int((time.monotonic() - ex.started) * 1000),
-            }
+            _event(
+                method=ex.method,
+                host=d.host if d and d.host else ex.host,
+                port=d.port if d and d.port else ex.port,
+                allowed=allowed,
+                code=d.code if d else "malformed",
+                reason=reason,
+                status=ex.status,
+                address=ex.address,
+                bytes_up=reader.consumed - ex.up_start,
+                bytes_down=ex.bytes_down,
+                api_key_injected=ex.injected,
+                duration_ms=int((time.monotonic() - ex.started) * 1000),
+                error=ex.error,
+            )
         )
 
     def _send(self, conn: socket.socket, ex: _Exchange, data: bytes) -> None:
@@ -715,7 +735,7 @@ class ProxyServer:
         ex.host, ex.port = host, port
         api = self.config.api
         scheme, up_host, up_port = "http", host, port
-        if api is not None and port == 80 and host.lower().rstrip(".") == api.host:
+        if api is not None and port == 80 and _same_name(host, api.host):
             scheme, up_host, up_port = api.upstream_scheme, api.upstream_host, api.upstream_port
             ex.injected = True
         if not self._decide(conn, ex, up_host, up_port, f"{method} {target}"):
@@ -974,6 +994,13 @@ def _parse_absolute_uri(target: str) -> tuple[str, int, str]:
     if not path.startswith("/"):
         path = "/" + path
     return host, port, path
+
+
+def _same_name(a: str, b: str) -> bool:
+    try:
+        return normalize_host(a) == normalize_host(b)
+    except HostError:
+        return False
 
 
 def _lingering_close(s: socket.socket, seconds: float = 1.0, limit: int = 1 << 20) -> None:

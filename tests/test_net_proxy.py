@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nsbox.errors import StepError
 from nsbox.net import (
     ApiKeyInjection,
     Limits,
@@ -678,3 +679,19 @@ def test_fuzzed_requests_get_a_status_or_a_close_never_a_crash():
         check()
         assert [e for e in p.events if e["code"] == "internal-error"] == []
         assert all(e["decision"] == "denied" for e in p.events)
+
+
+def test_api_upstream_url_and_key_validation(tmp_path):
+    inj = ApiKeyInjection.from_url(REAL_KEY, "https://api.example.test:8443/")
+    assert (inj.upstream_scheme, inj.upstream_host, inj.upstream_port) == ("https", "api.example.test", 8443)
+    assert ApiKeyInjection.from_url(REAL_KEY, "http://fake.test").upstream_port == 80
+    for bad in ("ftp://x", "https://x/v1", "https://u@x", "api.example.test", "https://x:99999"):
+        with pytest.raises(ValueError):
+            ApiKeyInjection.from_url(REAL_KEY, bad)
+    for key in ("", "sk-ant\r\nX-Evil: 1", "with space"):
+        with pytest.raises(ValueError):
+            ApiKeyInjection(key=key)
+    assert REAL_KEY not in repr(inj)
+    with socket.socket() as s, pytest.raises(StepError) as info:
+        ProxyServer(s, ProxyConfig(api=inj, upstream_ca=str(tmp_path / "missing.pem")))
+    assert info.value.step == "net.proxy" and "missing.pem" in info.value.action

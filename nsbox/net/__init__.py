@@ -20,6 +20,13 @@ The launcher's part:
     ...
     server.stop()
 
+Events (`on_event`, called from the proxy's threads, one per request or tunnel, when it
+ends): {"event": "proxy", "method", "host", "port", "decision": "allowed"|"denied",
+"allowed", "code" (rules.Decision.code, or malformed/overloaded/internal-error),
+"reason", "status" (HTTP status sent, or None), "address" (what was connected to),
+"bytes_up" (from the sandbox), "bytes_down" (to the sandbox), "api_key_injected",
+"duration_ms", "error"}. No key, no URL path.
+
 Order: config is parsed before the first fork (errors are StepError("net.rules")); the
 server's threads start only after the last fork; `stop()` at teardown.
 Verify: tests/test_net_rules.py, tests/test_net_proxy.py.

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nsbox.errors import acting
 from nsbox.net.rules import Decision, HostError, Pin, Policy, Resolver, Rule, normalize_host
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -110,6 +111,16 @@ class ApiKeyInjection:
     upstream_scheme: str = "https"
     upstream_host: str = "api.anthropic.com"
     upstream_port: int = 443
+
+    def __post_init__(self) -> None:
+        # The key goes into a header line verbatim: anything but visible ASCII could
+        # split the request (and an empty key is a configuration mistake).
+        if not self.key or not all(33 <= ord(c) < 127 for c in self.key):
+            raise ValueError("the API key must be non-empty visible ASCII (no spaces or newlines)")
+        if not self.header or not set(self.header) <= _TOKEN:
+            raise ValueError(f"invalid header name {self.header!r}")
+        if self.upstream_scheme not in ("http", "https"):
+            raise ValueError(f"upstream scheme must be http or https, not {self.upstream_scheme!r}")
 
     @classmethod
     def from_url(cls, key: str, upstream: str, host: str = "api.anthropic.com") -> ApiKeyInjection:
@@ -409,15 +420,16 @@ class ProxyServer:
         self._sockets: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._accept_thread: threading.Thread | None = None
-        self._lingering = 0
         self._tls: ssl.SSLContext | None = None
         if config.api is not None and config.api.upstream_scheme == "https":
             # Built once, before any request: a bad CA file fails the launch, not a request.
-            self._tls = ssl.create_default_context(cafile=config.upstream_ca)
-        self._api_key = config.api.key.encode("latin-1") if config.api else b""
+            with acting("net.proxy", f"load the upstream CA {config.upstream_ca or '(system store)'}"):
+                self._tls = ssl.create_default_context(cafile=config.upstream_ca)
+        self._api_key = config.api.key.encode("ascii") if config.api else b""
+        self._wake_r, self._wake_w = os.pipe()  # stop() wakes the accept loop through it
+        os.set_blocking(self._wake_r, False)
+        self._accept_thread: threading.Thread | None = None
+        self._lingering = 0
 
     @property
     def port(self) -> int:

@@ -54,6 +54,10 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
         click.option("--writable-git", is_flag=True, help="Leave .git/hooks and .git/config writable."),
         click.option("--network", type=click.Choice(["none"]), default="none", show_default=True,
                      help="none: only loopback inside."),
+        click.option("--seccomp-profile", metavar="NAME|FILE",
+                     help="default, permissive, or a profile file (our TOML, or Docker/OCI JSON)."),
+        click.option("--without", "without", multiple=True, metavar="LAYER",
+                     help="Study mode: run with LAYER removed (caps, landlock, seccomp). Loudly unsafe."),
         click.option("--log", "log", type=click.Path(path_type=Path), help="Write JSON-lines events here."),
         click.option("--verbose", "-v", is_flag=True, help="Print each launch step as it completes."),
     ]
@@ -62,10 +66,22 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
     return f
 
 
-def _spec(project: Path | None, uid: int, name: str | None, fresh: bool, hostname: str, env: tuple[str, ...],
-          no_api_key: bool, writable_git: bool, network: str, trace: bool) -> SandboxSpec:
-    return SandboxSpec(project=project or Path.cwd(), uid=uid, name=name, fresh=fresh, hostname=hostname,
-                       env=env, no_api_key=no_api_key, writable_git=writable_git, network=network, trace=trace)
+# What each removable layer protects: printed when --without removes it.
+UNPROTECTED = {
+    "caps": "the agent keeps its bounding set and securebits are not locked",
+    "landlock": "file access is limited only by the mount table and permissions",
+    "seccomp": "every syscall reaches the kernel (io_uring, keyctl, bpf, ptrace, AF_VSOCK, TIOCSTI...)",
+}
+
+
+def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
+    for layer in opts["without"]:
+        if layer in UNPROTECTED:
+            click.echo(f"nsbox: warning: --without {layer}: {UNPROTECTED[layer]}", err=True)
+    return SandboxSpec(project=opts["project"] or Path.cwd(), uid=opts["uid"], name=opts["name"],
+                       fresh=opts["fresh"], hostname=opts["hostname"], env=opts["env"],
+                       no_api_key=opts["no_api_key"], writable_git=opts["writable_git"], network=opts["network"],
+                       trace=trace, seccomp_profile=opts["seccomp_profile"], without=opts["without"])
 
 
 def _command(command: tuple[str, ...]) -> list[str] | None:
@@ -78,9 +94,7 @@ def _command(command: tuple[str, ...]) -> list[str] | None:
 
 @main.command(context_settings={"allow_interspersed_args": False})
 @_run_options
-def run(project: Path | None, command: tuple[str, ...], uid: int, name: str | None, fresh: bool, hostname: str,
-        env: tuple[str, ...], no_api_key: bool, writable_git: bool, network: str, log: Path | None,
-        verbose: bool) -> None:
+def run(command: tuple[str, ...], log: Path | None, verbose: bool, **opts: Any) -> None:
     """Run COMMAND (default: claude --dangerously-skip-permissions) on PROJECT (default: .).
 
     \b
@@ -88,8 +102,7 @@ def run(project: Path | None, command: tuple[str, ...], uid: int, name: str | No
       nsbox run                      the agent, on the current directory
       nsbox run ~/src/app -- bash    a shell, on ~/src/app
     """
-    spec = _spec(project, uid, name, fresh, hostname, env, no_api_key, writable_git, network,
-                 trace=bool(log or verbose))
+    spec = _spec(opts, trace=bool(log or verbose))
     result = Sandbox(spec).run(_command(command))
     if verbose:
         for event in result.events:
@@ -107,13 +120,11 @@ def run(project: Path | None, command: tuple[str, ...], uid: int, name: str | No
 @main.command()
 @_run_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(project: Path | None, command: tuple[str, ...], uid: int, name: str | None, fresh: bool, hostname: str,
-         env: tuple[str, ...], no_api_key: bool, writable_git: bool, network: str, log: Path | None,
-         verbose: bool, as_json: bool) -> None:
+def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool, **opts: Any) -> None:
     """Print what `nsbox run` would do, layer by layer. Changes nothing."""
     from nsbox.launch import SEQUENCE
 
-    spec = _spec(project, uid, name, fresh, hostname, env, no_api_key, writable_git, network, trace=False)
+    spec = _spec(opts, trace=False)
     try:
         layers = Sandbox(spec).plan(_command(command))
     except StepError as e:

@@ -28,7 +28,7 @@ from typing import Any
 
 from nsbox import config, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
-from nsbox.layers import execve, mountns, netns, pidns, userns, utsns
+from nsbox.layers import caps, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
 from nsbox.process import AgentStatus, Channel, ErrorPipe
 from nsbox.spec import SandboxSpec
 from nsbox.syscalls import CloneFlag
@@ -47,9 +47,11 @@ SEQUENCE: tuple[Step, ...] = (
     #    who       step                        why it is here
     Step(LAUNCHER, "spec.validate",            "a bad request fails before anything changes"),
     Step(LAUNCHER, "config.prepare_home",      "the agent's persistent $HOME exists before it is bound"),
+    Step(LAUNCHER, "seccomp.compile",          "libseccomp runs here, once; the agent only loads finished BPF"),
     Step(LAUNCHER, "process.fork_holder",      "forked single-threaded; PDEATHSIG ties it to the launcher"),
     Step(HOLDER,   "userns.unshare",           "first: it owns every namespace made after it"),
     Step(LAUNCHER, "userns.write_maps",        "sync 1: setgroups deny, gid_map, uid_map, while the holder waits"),
+    Step(HOLDER,   "userns.disable_nesting",   "max_user_namespaces=0 here: no nested userns, even without seccomp"),
     Step(HOLDER,   "process.unshare_rest",     "sync 2: mount, net, ipc, uts, cgroup, pid; all owned by our userns"),
     Step(HOLDER,   "process.fork_init",        "unshare(CLONE_NEWPID) applies to children only: init is PID 1"),
     Step(INIT,     "mountns.make_private",     "before any mount: no mount event may reach the host"),
@@ -64,8 +66,13 @@ SEQUENCE: tuple[Step, ...] = (
     Step(INIT,     "pidns.harden_init",        "scrub argv/environ, not dumpable: before the agent exists"),
     Step(INIT,     "pidns.block_signals",      "hold SIGCHLD and forwarded signals for sigwaitinfo; none is lost"),
     Step(INIT,     "process.fork_agent",       "init stays behind as PID 1"),
+    Step(INIT,     "pidns.drop_privileges",    "init needs no capability to reap and forward: caps dropped, nnp set"),
     Step(AGENT,    "execve.prepare",           "setsid, pty as ctty, signals default, cwd, fds >= 3 close-on-exec"),
-    Step(AGENT,    "execve.execve",            "LAST: the error pipe closes on success (O_CLOEXEC)"),
+    Step(AGENT,    "caps.drop",                "after every privileged step; securebits locked while CAP_SETPCAP held"),
+    Step(AGENT,    "nnp.enable",               "execve can never grant privileges again; unprivileged filters need it"),
+    Step(AGENT,    "landlock.restrict",        "after nnp (required without CAP_SYS_ADMIN); inside paths, after pivot"),
+    Step(AGENT,    "seccomp.install",          "LAST before execve: every syscall after this one is filtered"),
+    Step(AGENT,    "execve.execve",            "the error pipe closes on success (O_CLOEXEC)"),
     Step(INIT,     "pidns.reap",               "until the agent exits; forwards signals; its status is the result"),
     Step(LAUNCHER, "process.supervise",        "relay the terminal, forward signals, wait for the holder"),
 )
@@ -108,24 +115,43 @@ class Plans:
     pidns: pidns.PidNsPlan
     netns: netns.NetNsPlan
     utsns: utsns.UtsNsPlan
+    caps: caps.CapsPlan | None  # None: removed with --without (study mode)
+    nnp: nnp.NoNewPrivsPlan
+    landlock: landlock.LandlockPlan | None
+    seccomp: seccomp.SeccompPlan | None
     execve: execve.ExecvePlan
 
     def describe(self) -> list[tuple[str, list[str]]]:
+        off = ["REMOVED with --without (study mode): not enforced"]
         return [
             ("userns", self.userns.describe()), ("mountns", self.mountns.describe()),
             ("pidns", self.pidns.describe()), ("netns", self.netns.describe()),
-            ("utsns", self.utsns.describe()), ("execve", self.execve.describe()),
+            ("utsns", self.utsns.describe()),
+            ("caps", self.caps.describe() if self.caps else off), ("nnp", self.nnp.describe()),
+            ("landlock", self.landlock.describe() if self.landlock else off),
+            ("seccomp", self.seccomp.describe() if self.seccomp else off),
+            ("execve", self.execve.describe()),
         ]
 
 
 def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, home_source: str) -> Plans:
-    """Every layer's plan, from the spec. Pure apart from reading host paths and $PATH."""
+    """Every layer's plan, from the spec. Pure apart from reading host paths and $PATH,
+    and compiling the seccomp profile (cached)."""
     u = userns.plan(spec)
     e = execve.plan(command, str(spec.project), u.home, u.user, u.shell, spec.env, spec.no_api_key,
                     tty, dict(os.environ))
     m = mountns.plan(str(spec.project), home_source, u.home, u.passwd(), u.group(),
                      spec.writable_git, e.host_binds)
-    return Plans(spec, u, m, pidns.plan(), netns.plan(spec.network), utsns.plan(spec.hostname), e)
+    writable = [str(spec.project), u.home, "/tmp", "/dev/shm"]
+    return Plans(
+        spec, u, m, pidns.plan(), netns.plan(spec.network), utsns.plan(spec.hostname),
+        caps=None if "caps" in spec.without else caps.plan(),
+        nnp=nnp.plan(),
+        landlock=None if "landlock" in spec.without else landlock.plan(writable, readable=["/"]),
+        seccomp=None if "seccomp" in spec.without else seccomp.plan(
+            seccomp.resolve_profile(spec.seccomp_profile) if spec.seccomp_profile else None),
+        execve=e,
+    )
 
 
 @dataclass
@@ -158,7 +184,8 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
     assert spec.name is not None
     with step("config.prepare_home"):
         home = config.prepare_home(spec.name, spec.fresh)
-    plans = make_plans(spec, command, stdin_is_tty, str(home))
+    with step("seccomp.compile"):
+        plans = make_plans(spec, command, stdin_is_tty, str(home))
 
     mine, theirs = Channel.pair()
     errors = ErrorPipe()
@@ -200,6 +227,8 @@ def holder(plans: Plans, chan: Channel, errors: ErrorPipe) -> int:
     chan.send("userns-ready")  # sync 1
     if chan.expect("maps-written")[0]["kind"] != "maps-written":
         return ExitCode.NSBOX  # the launcher is gone
+    with step("userns.disable_nesting"):
+        userns.disable_nesting(plans.userns)
     with step("process.unshare_rest"):  # sync 2
         syscalls.unshare(NAMESPACES)
     with step("process.fork_init"):
@@ -242,6 +271,9 @@ def init(plans: Plans, chan: Channel, errors: ErrorPipe) -> int:
         agent_pid = process.fork_role("agent", lambda: agent(plans, chan, slave), errors)
     if slave is not None:
         os.close(slave)
+    with step("pidns.drop_privileges"):
+        caps.drop(plans.caps)
+        nnp.enable(plans.nnp)
     with step("pidns.reap"):
         status = pidns.reap(plans.pidns, agent_pid)
     chan.send("agent-exit", status=status)
@@ -252,6 +284,17 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
     step = Steps(AGENT, chan, plans.spec.trace, [])
     with step("execve.prepare"):
         execve.prepare(plans.execve, tty_fd)
+    with step("caps.drop"):
+        if plans.caps is not None:
+            caps.drop(plans.caps)
+    with step("nnp.enable"):
+        nnp.enable(plans.nnp)
+    with step("landlock.restrict"):
+        if plans.landlock is not None:
+            landlock.restrict(plans.landlock)
+    with step("seccomp.install"):
+        if plans.seccomp is not None:
+            seccomp.install(plans.seccomp)
     with step("execve.execve"):
         execve.execve(plans.execve)
     raise AssertionError("execve returned")

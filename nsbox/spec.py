@@ -7,6 +7,7 @@ never half-starts a sandbox.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_PASSTHROUGH = ("TERM", "COLORTERM", "LANG", "LANGUAGE", "TZ", "NO_COLOR")
 ENV_PASSTHROUGH_PREFIXES = ("LC_",)
 
+# Study mode (--without LAYER) may remove these; the namespaces stay (userns cannot go).
+REMOVABLE_LAYERS = ("caps", "landlock", "seccomp")
+
 
 @dataclass(frozen=True)
 class SandboxSpec:
@@ -40,6 +44,8 @@ class SandboxSpec:
     writable_git: bool = False
     network: str = "none"
     trace: bool = False  # report every step as an event (--verbose, --log)
+    seccomp_profile: str | None = None  # "default", "permissive", or a TOML/JSON file
+    without: tuple[str, ...] = ()  # study mode: layers removed, loudly
 
     def resolved(self) -> SandboxSpec:
         """Validate and fill the defaults; raise StepError("spec.validate") on a bad request."""
@@ -68,6 +74,8 @@ class SandboxSpec:
         if self.network != "none":
             raise usage_error("spec.validate", f"--network {self.network!r} is not available yet",
                               fix="use --network none (the default)")
-        return SandboxSpec(project=project, uid=self.uid, gid=gid, name=name, fresh=self.fresh,
-                           hostname=self.hostname, env=self.env, no_api_key=self.no_api_key,
-                           writable_git=self.writable_git, network=self.network, trace=self.trace)
+        for layer in self.without:
+            if layer not in REMOVABLE_LAYERS:
+                raise usage_error("spec.validate", f"--without {layer!r}: not a layer that can be removed",
+                                  fix="one of: " + ", ".join(REMOVABLE_LAYERS))
+        return dataclasses.replace(self, project=project, gid=gid, name=name)

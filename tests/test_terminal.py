@@ -120,10 +120,18 @@ def test_tiocsti_cannot_reach_the_callers_terminal(env, project):
 
 
 def test_tiocsti_inside_feeds_only_the_sandbox_pty(env, project):
-    probe = ("import fcntl, termios, os, select\n"
-             "for c in b'Q\\n': fcntl.ioctl(0, termios.TIOCSTI, bytes([c]))\n"
+    probe = ("import errno, fcntl, termios, os, select\n"
+             "try:\n"
+             "    for c in b'Q\\n': fcntl.ioctl(0, termios.TIOCSTI, bytes([c]))\n"
+             "except OSError as e:\n"
+             "    print('TIOCSTI:', errno.errorcode[e.errno]); raise SystemExit(0)\n"
              "print('read-back:', os.read(0, 1).decode() if select.select([0], [], [], 2)[0] else 'nothing')\n")
+    # The default seccomp profile refuses TIOCSTI outright.
     t = Terminal([*NSBOX, "run", str(project), "--", "/usr/bin/python3", "-c", probe], env)
-    assert t.finish() == 0
-    # The injected byte went into the sandbox's own pty and came back to the agent itself.
+    assert t.finish() == 0, t.output
+    assert b"TIOCSTI: EPERM" in t.output, t.output
+    # Without seccomp, the injected byte goes into the sandbox's own pty and comes back to
+    # the agent itself: the caller's terminal is not reachable from inside.
+    t = Terminal([*NSBOX, "run", "--without", "seccomp", str(project), "--", "/usr/bin/python3", "-c", probe], env)
+    assert t.finish() == 0, t.output
     assert b"read-back: Q" in t.output, t.output

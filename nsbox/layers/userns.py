@@ -17,6 +17,7 @@ Kernel docs: user_namespaces(7), Documentation/admin-guide/namespaces/.
 Order:       first. The holder unshares it; every namespace created afterwards is owned
              by it. The launcher writes the maps while the holder waits.
 Verify:      /proc/self/uid_map has exactly one line "<uid> <host uid> 1";
+             /proc/sys/user/max_user_namespaces is 0 (no nested user namespace);
              /proc/self/setgroups is "deny"; `id -u` prints the chosen uid.
 """
 
@@ -80,6 +81,18 @@ def unshare(p: UserNsPlan) -> None:
     """Role HOLDER: create the user namespace (its owner for everything that follows)."""
     with acting("userns.unshare", "unshare(CLONE_NEWUSER)"):
         syscalls.unshare(CloneFlag.CLONE_NEWUSER)
+
+
+def disable_nesting(p: UserNsPlan) -> None:
+    """Role HOLDER: no user namespace may be created inside this one (bubblewrap's --disable-userns).
+
+    /proc/sys/user/max_user_namespaces is per user namespace and counts every namespace
+    below it; the holder holds CAP_SYS_RESOURCE here, so it may lower it to 0. The
+    seccomp profile refuses unshare/clone of namespaces too; this holds without it.
+    """
+    path = "/proc/sys/user/max_user_namespaces"
+    with acting("userns.disable_nesting", f"write({path!r}, '0')"), open(path, "w") as f:
+        f.write("0")
 
 
 def write_maps(p: UserNsPlan, holder_pid: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,3 +206,39 @@ def test_chain_id_follows_the_oci_definition() -> None:
 def test_budget_defaults_are_generous() -> None:
     b = Budget()
     assert b.max_bytes >= 8 << 30 and b.max_entries >= 1_000_000 and b.max_path == 4096
+
+
+NO_USERNS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from image_util import blob, f, tar
+from nsbox.errors import StepError
+from nsbox.image.unpack import unpack_layers
+tmp = Path(sys.argv[1])
+(tmp / "t").mkdir()
+try:
+    unpack_layers([blob(tmp / "b", tar([f("a")]))], tmp / "t")
+except StepError as e:
+    print(e)
+"""
+
+
+def test_without_user_namespaces_the_error_names_the_call_and_the_fix(tmp_path: Path) -> None:
+    # Provoke the real errno: in an outer user namespace made here, allow no nested ones.
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux unshare is not installed")
+    script = tmp_path / "no_userns.py"
+    script.write_text(NO_USERNS)
+    run = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "sh", "-c",
+         'echo 0 > /proc/sys/user/max_user_namespaces && exec "$0" "$@"',
+         sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == ("nsbox: image.unpack: unshare(CLONE_NEWUSER|CLONE_NEWNS) failed: "
+                        "No space left on device (ENOSPC)")
+    assert lines[1].startswith("  why: the unpacker runs in its own user+mount namespace")
+    assert lines[2].startswith("  fix: ")
+    assert list((tmp_path / "t").iterdir()) == []

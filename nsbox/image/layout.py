@@ -61,6 +61,7 @@ REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SMALL = 4 << 20  # JSON documents: manifests, configs, indexes are far smaller
+IN_MEMORY = 64 << 20  # an archive of many small members must not fill the memory
 CHUNK = 1 << 20
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
@@ -126,6 +127,7 @@ class _Archive:
             self.is_dir = True
             return
         self.is_dir = False
+        held = 0  # bytes of small members kept in memory; past IN_MEMORY they go to staging too
         try:
             with tarfile.open(path, mode="r:*") as tf:
                 for n, m in enumerate(tf):
@@ -141,8 +143,9 @@ class _Archive:
                     elif m.isfile():
                         src = tf.extractfile(m)
                         assert src is not None
-                        if m.size <= SMALL:
+                        if m.size <= SMALL and held + m.size <= IN_MEMORY:
                             self.small[name] = src.read()
+                            held += m.size
                         else:
                             dest = staging / f"member-{n}"
                             with open(dest, "wb") as out:

@@ -443,6 +443,8 @@ class _Tree:
             raise UnsafeEntry(last, "decompress", str(e) or type(e).__name__) from e
         except _ZSTD_ERRORS as e:
             raise UnsafeEntry(last, "decompress", str(e) or type(e).__name__) from e
+        except OSError as e:  # reading the blob itself failed (EIO...)
+            raise UnsafeEntry(last, "read layer", None, e.errno) from e
         finally:
             raw.close()
         self.bytes += stream.count
@@ -465,7 +467,7 @@ class _Tree:
                 os.chmod(fd, mode)
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
             except OSError as e:
-                raise UnsafeEntry("/".join(parts) or ".", "set directory metadata", e.strerror, e.errno) from e
+                raise UnsafeEntry("/".join(parts) or ".", "set directory metadata", None, e.errno) from e
             finally:
                 os.close(fd)
 
@@ -514,11 +516,11 @@ class _Tree:
         try:
             parent = self._open_dir(parts[:-1], create=True, entry=name)
         except OSError as e:
-            raise UnsafeEntry(name, "open parent directory", e.strerror, e.errno) from e
+            raise UnsafeEntry(name, "open parent directory", None, e.errno) from e
         try:
             self._create(tf, m, parent, parts, mode)
         except OSError as e:
-            raise UnsafeEntry(name, f"create {_kind(m)}", e.strerror, e.errno) from e
+            raise UnsafeEntry(name, f"create {_kind(m)}", None, e.errno) from e
         finally:
             os.close(parent)
         for i in range(1, len(parts) + 1):
@@ -610,14 +612,14 @@ class _Tree:
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return  # nothing below to hide
-            raise UnsafeEntry(name, "open whiteout directory", e.strerror, e.errno) from e
+            raise UnsafeEntry(name, "open whiteout directory", None, e.errno) from e
         try:
             if opaque:
                 self._empty_lower(parent, victim)
             elif victim not in self.upper:  # made by this layer: a whiteout only reaches down
                 self._remove(parent, victim[-1], _lstat(victim[-1], parent))
         except OSError as e:
-            raise UnsafeEntry(name, "apply whiteout", e.strerror, e.errno) from e
+            raise UnsafeEntry(name, "apply whiteout", None, e.errno) from e
         finally:
             os.close(parent)
 

@@ -12,6 +12,7 @@ copied, and described by a synthesized OCI manifest.
 Writing (`write_layout`): a small OCI layout from in-memory tar layers, for the rootfs
 recipes (`scripts/make-busybox-image`) and the tests.
 
+Kernel docs: none: this module only reads and writes files it is given.
 Spec: OCI image-spec v1.1 image-layout.md, image-index.md, manifest.md, config.md,
       descriptor.md (digests); CVE-2021-41190 (an index must not carry `layers`/`config`,
       a manifest must not carry `manifests`).

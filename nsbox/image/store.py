@@ -20,6 +20,8 @@ Layout under `$XDG_DATA_HOME/nsbox/` (default `~/.local/share/nsbox/`), mode 070
 Lock order: store.lock, then use-/unpack-<hex>.lock; `remove` only *tries* the use locks
 (LOCK_NB), so a running sandbox never blocks it and it never deadlocks.
 
+Kernel docs: flock(2) (locks belong to the open file: two opens conflict even in one
+             process), rename(2) (atomic replace of index.json and of a finished tree).
 Spec: OCI image-spec v1.1 config.md (ChainID, DiffIDs, Env/WorkingDir/User/Entrypoint/Cmd).
 Order: the CLI resolves a REF and calls `use_rootfs` before the launcher forks; the lead's
        mount namespace step mounts the yielded directory as the overlay's lower layer.

@@ -50,10 +50,22 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
         click.option("--hostname", default="nsbox", show_default=True),
         click.option("--env", "env", multiple=True, metavar="NAME[=VALUE]",
                      help="Pass NAME from your environment, or set it (repeatable)."),
-        click.option("--no-api-key", is_flag=True, help="Do not pass ANTHROPIC_API_KEY in."),
+        click.option("--api-key-mode", type=click.Choice(["inject", "env", "none"]),
+                     help="inject (default): the proxy adds ANTHROPIC_API_KEY, the agent holds a placeholder; "
+                          "env: pass the key itself (it can leak); none: no key."),
+        click.option("--no-api-key", is_flag=True, help="Same as --api-key-mode none."),
+        click.option("--api-upstream", metavar="URL", help="Where injected API requests go (default: "
+                     "https://api.anthropic.com); for a gateway, or a test server."),
         click.option("--writable-git", is_flag=True, help="Leave .git/hooks and .git/config writable."),
-        click.option("--network", type=click.Choice(["none"]), default="none", show_default=True,
-                     help="none: only loopback inside."),
+        click.option("--ro-bind", "ro_binds", multiple=True, metavar="HOST[:INSIDE]",
+                     help="Also show a host path, read-only (at the same path, or at INSIDE)."),
+        click.option("--network", type=click.Choice(["none", "allowlist", "host"]),
+                     help="none: only loopback; allowlist: HTTP(S) through nsbox's proxy to allowed domains; "
+                          "host: the host's network, unfiltered. Default: allowlist for the agent, none otherwise."),
+        click.option("--allow-domain", "allow_domains", multiple=True, metavar="NAME[:PORT]",
+                     help="Allow NAME (or *.suffix) through the proxy; !NAME denies (repeatable)."),
+        click.option("--resolve", "resolve", multiple=True, metavar="NAME:PORT:ADDR",
+                     help="Pin NAME:PORT to ADDR, as curl does (also allows private addresses for it)."),
         click.option("--seccomp-profile", metavar="NAME|FILE",
                      help="default, permissive, or a profile file (our TOML, or Docker/OCI JSON)."),
         click.option("--without", "without", multiple=True, metavar="LAYER",
@@ -78,10 +90,16 @@ def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
     for layer in opts["without"]:
         if layer in UNPROTECTED:
             click.echo(f"nsbox: warning: --without {layer}: {UNPROTECTED[layer]}", err=True)
+    if opts["network"] == "host":
+        click.echo("nsbox: warning: --network host: the agent shares the host's network, unfiltered "
+                   "(every host service on 127.0.0.1, every address)", err=True)
+    key_mode = "none" if opts["no_api_key"] else opts["api_key_mode"]
     return SandboxSpec(project=opts["project"] or Path.cwd(), uid=opts["uid"], name=opts["name"],
                        fresh=opts["fresh"], hostname=opts["hostname"], env=opts["env"],
-                       no_api_key=opts["no_api_key"], writable_git=opts["writable_git"], network=opts["network"],
-                       trace=trace, seccomp_profile=opts["seccomp_profile"], without=opts["without"])
+                       api_key_mode=key_mode, writable_git=opts["writable_git"], network=opts["network"],
+                       allow_domains=opts["allow_domains"], resolve=opts["resolve"],
+                       api_upstream=opts["api_upstream"], ro_binds=opts["ro_binds"], trace=trace,
+                       seccomp_profile=opts["seccomp_profile"], without=opts["without"])
 
 
 def _command(command: tuple[str, ...]) -> list[str] | None:

@@ -74,3 +74,42 @@ def prepare_home(name: str, fresh: bool) -> Path:
         shutil.rmtree(home, onerror=_make_writable_and_retry)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
+
+
+# ---- config.toml -------------------------------------------------------------------------
+
+# Keys config.toml may set, and the type each takes. Anything else is an error: a typo in
+# a security setting must not pass silently.
+CONFIG_KEYS: dict[str, type] = {
+    "network": str,  # default --network when the command is the agent ("allowlist", "none", "host")
+    "network_for_commands": str,  # default --network for any other command ("none")
+    "seccomp_profile": str,
+    "api_key_mode": str,
+}
+
+
+def load_config(path: Path | None = None) -> dict[str, object]:
+    """Read `$XDG_CONFIG_HOME/nsbox/config.toml` (absent: no settings). Never from the project."""
+    import tomllib
+
+    from nsbox.errors import StepError
+
+    path = path or config_home() / "config.toml"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise StepError("config.load", f"read {path}", e.errno) from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise StepError("config.load", f"parse {path}", detail=str(e), fix="fix the TOML syntax") from e
+    for key, value in data.items():
+        expected = CONFIG_KEYS.get(key)
+        if expected is None:
+            raise StepError("config.load", f"parse {path}", detail=f"unknown key {key!r}",
+                            fix="known keys: " + ", ".join(CONFIG_KEYS))
+        if not isinstance(value, expected):
+            raise StepError("config.load", f"parse {path}", detail=f"{key} must be a {expected.__name__}")
+    return data

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsbox import config, process, syscalls, terminal
+from nsbox import config, net, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
 from nsbox.layers import caps, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
 from nsbox.process import AgentStatus, Channel, ErrorPipe
@@ -61,6 +61,7 @@ SEQUENCE: tuple[Step, ...] = (
     Step(INIT,     "mountns.seal",             "root tmpfs and /dev read-only: the agent owns their inodes"),
     Step(INIT,     "mountns.pivot_root",       "/ becomes the new root; the host root is detached"),
     Step(INIT,     "netns.bring_up_loopback",  "needs CAP_NET_ADMIN in the netns: before any privilege drop"),
+    Step(INIT,     "netns.open_proxy_socket",  "allowlist: bind 127.0.0.1:3128 inside; the launcher serves it"),
     Step(INIT,     "utsns.set_hostname",       "needs CAP_SYS_ADMIN in the uts ns"),
     Step(INIT,     "terminal.open_pty",        "sync 3: a pty of the sandbox's devpts; its master to the launcher"),
     Step(INIT,     "pidns.harden_init",        "scrub argv/environ, not dumpable: before the agent exists"),
@@ -74,6 +75,7 @@ SEQUENCE: tuple[Step, ...] = (
     Step(AGENT,    "seccomp.install",          "LAST before execve: every syscall after this one is filtered"),
     Step(AGENT,    "execve.execve",            "the error pipe closes on success (O_CLOEXEC)"),
     Step(INIT,     "pidns.reap",               "until the agent exits; forwards signals; its status is the result"),
+    Step(LAUNCHER, "netns.serve_proxy",        "after the launcher's last fork: the proxy's threads start here"),
     Step(LAUNCHER, "process.supervise",        "relay the terminal, forward signals, wait for the holder"),
 )
 
@@ -135,21 +137,34 @@ class Plans:
 
 
 def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, home_source: str) -> Plans:
-    """Every layer's plan, from the spec. Pure apart from reading host paths and $PATH,
-    and compiling the seccomp profile (cached)."""
+    """Every layer's plan, from the spec. Pure apart from reading host paths, $PATH and
+    the user's configuration, and compiling the seccomp profile (cached)."""
+    settings = config.load_config()
+    is_agent = not command
+    network = spec.network or str(settings.get("network" if is_agent else "network_for_commands",
+                                               "allowlist" if is_agent else "none"))
+    key_mode = spec.api_key_mode or str(settings.get("api_key_mode", "inject"))
+    key = os.environ.get("ANTHROPIC_API_KEY") or None
+    n = netns.plan(network, spec.allow_domains, spec.resolve, key if key_mode == "inject" else None,
+                   spec.api_upstream, config.config_home())
     u = userns.plan(spec)
-    e = execve.plan(command, str(spec.project), u.home, u.user, u.shell, spec.env, spec.no_api_key,
-                    tty, dict(os.environ))
-    m = mountns.plan(str(spec.project), home_source, u.home, u.passwd(), u.group(),
-                     spec.writable_git, e.host_binds)
+    passed_key = key if key_mode == "env" else None  # "inject" keeps it in the launcher
+    e = execve.plan(command, str(spec.project), u.home, u.user, u.shell, spec.env, passed_key,
+                    netns.environment(n), tty, dict(os.environ))
+    binds = tuple((host, inside, "found on the caller's PATH") for host, inside in e.host_binds)
+    for item in spec.ro_binds:
+        host, _, inside = item.partition(":")
+        binds += ((os.path.realpath(host), inside or os.path.realpath(host), "--ro-bind"),)
+    m = mountns.plan(str(spec.project), home_source, u.home, u.passwd(), u.group(), spec.writable_git, binds)
     writable = [str(spec.project), u.home, "/tmp", "/dev/shm"]
     return Plans(
-        spec, u, m, pidns.plan(), netns.plan(spec.network), utsns.plan(spec.hostname),
+        spec, u, m, pidns.plan(), n, utsns.plan(spec.hostname),
         caps=None if "caps" in spec.without else caps.plan(),
         nnp=nnp.plan(),
         landlock=None if "landlock" in spec.without else landlock.plan(writable, readable=["/"]),
         seccomp=None if "seccomp" in spec.without else seccomp.plan(
-            seccomp.resolve_profile(spec.seccomp_profile) if spec.seccomp_profile else None),
+            seccomp.resolve_profile(str(profile)) if (profile := spec.seccomp_profile or
+                                                 settings.get("seccomp_profile")) else None),
         execve=e,
     )
 
@@ -169,8 +184,8 @@ class Outcome:
         return self.error.exit_code if self.error else ExitCode.NSBOX
 
 
-NAMESPACES = (CloneFlag.CLONE_NEWNS | CloneFlag.CLONE_NEWNET | CloneFlag.CLONE_NEWIPC
-              | CloneFlag.CLONE_NEWUTS | CloneFlag.CLONE_NEWCGROUP | CloneFlag.CLONE_NEWPID)
+NAMESPACES = (CloneFlag.CLONE_NEWNS | CloneFlag.CLONE_NEWIPC | CloneFlag.CLONE_NEWUTS
+              | CloneFlag.CLONE_NEWCGROUP | CloneFlag.CLONE_NEWPID)  # and CLONE_NEWNET unless --network host
 
 
 # ---- the four roles ---------------------------------------------------------------------
@@ -195,6 +210,7 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
     errors.close_write()
     outcome = Outcome()
     holder_status: int | None = None
+    proxy: net.ProxyServer | None = None
     try:
         # sync 1: the holder owns a new user namespace and waits for its id maps.
         msg, _ = mine.expect("userns-ready")
@@ -206,9 +222,16 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
             init_msg, _ = mine.expect("init-forked")
             ready, fds = mine.expect("root-ready") if init_msg["kind"] == "init-forked" else (init_msg, [])
             if ready["kind"] == "root-ready":
+                pty_fd = fds.pop(0) if ready.get("pty") else None
+                with step("netns.serve_proxy"):
+                    if ready.get("proxy"):
+                        proxy = netns.serve(plans.netns, fds.pop(0), lambda e: outcome.events.append(
+                            {**e, "t": time.time()}))
                 with step("process.supervise"):
-                    holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), fds, outcome)
+                    holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), pty_fd, outcome)
     finally:
+        if proxy is not None:
+            proxy.stop()
         status = holder_status if holder_status is not None else os.waitpid(holder_pid, 0)[1]
         outcome.events = sorted(events + mine.events + outcome.events, key=lambda e: float(e.get("t", 0)))
         mine.close()
@@ -230,7 +253,7 @@ def holder(plans: Plans, chan: Channel, errors: ErrorPipe) -> int:
     with step("userns.disable_nesting"):
         userns.disable_nesting(plans.userns)
     with step("process.unshare_rest"):  # sync 2
-        syscalls.unshare(NAMESPACES)
+        syscalls.unshare(NAMESPACES | (CloneFlag.CLONE_NEWNET if plans.netns.unshare else 0))
     with step("process.fork_init"):
         init_pid = process.fork_role("init", lambda: init(plans, chan, errors), errors)
     chan.send("init-forked", init_pid=init_pid)
@@ -254,13 +277,19 @@ def init(plans: Plans, chan: Channel, errors: ErrorPipe) -> int:
         mountns.pivot_root(plans.mountns)
     with step("netns.bring_up_loopback"):
         netns.bring_up_loopback(plans.netns)
+    with step("netns.open_proxy_socket"):
+        proxy_sock = netns.open_proxy_socket(plans.netns)
     with step("utsns.set_hostname"):
         utsns.set_hostname(plans.utsns)
     with step("terminal.open_pty"):
         master, slave = terminal.open_pty() if plans.execve.tty else (-1, None)
-        chan.send("root-ready", fds=(master,) if master >= 0 else ())  # sync 3
+        # sync 3: the root is built; the pty master and the proxy socket go to the launcher.
+        fds = ([master] if master >= 0 else []) + ([proxy_sock.fileno()] if proxy_sock else [])
+        chan.send("root-ready", tuple(fds), pty=master >= 0, proxy=proxy_sock is not None)
         if master >= 0:
             os.close(master)
+        if proxy_sock is not None:
+            proxy_sock.close()  # init keeps no copy: only the launcher may accept on it
     if chan.expect("go")[0]["kind"] != "go":
         return ExitCode.NSBOX  # the launcher is gone: so is the sandbox
     with step("pidns.harden_init"):
@@ -300,14 +329,14 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
     raise AssertionError("execve returned")
 
 
-def _supervise(chan: Channel, holder_pid: int, init_pid: int, fds: list[int], outcome: Outcome) -> int:
+def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None, outcome: Outcome) -> int:
     """Role LAUNCHER, after sync 3: relay the terminal, forward signals, collect the status.
 
     One thread, one select loop: the launcher may not start threads before the last
     fork, and the last fork (the agent) happens after "go". Returns the holder's wait
     status.
     """
-    relay = terminal.Relay(fds[0]) if fds else None
+    relay = terminal.Relay(pty_fd) if pty_fd is not None else None
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     old_wakeup = signal.set_wakeup_fd(wake_w)

@@ -25,6 +25,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_PASSTHROUGH = ("TERM", "COLORTERM", "LANG", "LANGUAGE", "TZ", "NO_COLOR")
 ENV_PASSTHROUGH_PREFIXES = ("LC_",)
 
+NETWORK_MODES = ("none", "allowlist", "host")
+API_KEY_MODES = ("inject", "env", "none")
+
 # Study mode (--without LAYER) may remove these; the namespaces stay (userns cannot go).
 REMOVABLE_LAYERS = ("caps", "landlock", "seccomp")
 
@@ -40,9 +43,13 @@ class SandboxSpec:
     fresh: bool = False
     hostname: str = "nsbox"
     env: tuple[str, ...] = ()  # NAME (take the caller's value) or NAME=VALUE
-    no_api_key: bool = False
+    api_key_mode: str | None = None  # inject (default) | env | none
     writable_git: bool = False
-    network: str = "none"
+    network: str | None = None  # none | allowlist | host; default: allowlist for the agent, none otherwise
+    allow_domains: tuple[str, ...] = ()  # --allow-domain NAME[:PORT], *.suffix, !deny
+    resolve: tuple[str, ...] = ()  # --resolve NAME:PORT:ADDR (curl's syntax)
+    api_upstream: str | None = None  # --api-upstream URL: where injected API requests go
+    ro_binds: tuple[str, ...] = ()  # --ro-bind HOST[:INSIDE], read-only, nosuid, nodev
     trace: bool = False  # report every step as an event (--verbose, --log)
     seccomp_profile: str | None = None  # "default", "permissive", or a TOML/JSON file
     without: tuple[str, ...] = ()  # study mode: layers removed, loudly
@@ -71,9 +78,12 @@ class SandboxSpec:
             key = item.split("=", 1)[0]
             if not _ENV_NAME.match(key):
                 raise usage_error("spec.validate", f"--env {item.split('=', 1)[0]!r} is not a variable name")
-        if self.network != "none":
-            raise usage_error("spec.validate", f"--network {self.network!r} is not available yet",
-                              fix="use --network none (the default)")
+        if self.network not in (None, *NETWORK_MODES):
+            raise usage_error("spec.validate", f"--network {self.network!r} is not a network mode",
+                              fix="one of: " + ", ".join(NETWORK_MODES))
+        if self.api_key_mode not in (None, *API_KEY_MODES):
+            raise usage_error("spec.validate", f"--api-key-mode {self.api_key_mode!r} is not a mode",
+                              fix="one of: " + ", ".join(API_KEY_MODES))
         for layer in self.without:
             if layer not in REMOVABLE_LAYERS:
                 raise usage_error("spec.validate", f"--without {layer!r}: not a layer that can be removed",

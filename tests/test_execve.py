@@ -11,14 +11,11 @@ SECRET = "sk-canary-7f1b2c9d"
 
 
 def test_an_extra_fd_of_the_caller_is_absent_inside(env, project):
-    fd = os.open(str(project), os.O_RDONLY)
-    os.set_inheritable(fd, True)
-    os.dup2(fd, 9)
+    fd = os.open(str(project), os.O_RDONLY)  # a host directory, open in nsbox's caller
     try:
         out = subprocess.run([*NSBOX, "run", str(project), "--", "/bin/sh", "-c", "ls /proc/self/fd"], env=env,
-                             capture_output=True, text=True, timeout=60, pass_fds=(9,), stdin=subprocess.DEVNULL)
+                             capture_output=True, text=True, timeout=60, pass_fds=(fd,), stdin=subprocess.DEVNULL)
     finally:
-        os.close(9)
         os.close(fd)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1", "2", "3"]  # 3 is ls's own directory fd
@@ -39,13 +36,15 @@ def test_environment_is_an_allowlist(nsbox):
     assert names["FOO"] == "bar" and names["PASSED"] == "yes" and names["LANG"] == "C.UTF-8"
     assert "SSH_AUTH_SOCK" not in names and "LD_PRELOAD" not in names
     assert set(names) <= {"FOO", "PASSED", "LANG", "TERM", "PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD",
-                          "LC_CTYPE", "LC_ALL", "COLORTERM", "TZ"}
+                          "LC_CTYPE", "LC_ALL", "COLORTERM", "TZ", "SHLVL", "_"}
 
 
-def test_api_key_passes_only_without_no_api_key(nsbox):
+def test_the_real_api_key_enters_only_with_api_key_mode_env(nsbox):
     key = {"ANTHROPIC_API_KEY": "sk-ant-test"}
-    assert "sk-ant-test" in nsbox(cmd=["env"], extra_env=key).stdout
-    assert "ANTHROPIC" not in nsbox("--no-api-key", cmd=["env"], extra_env=key).stdout
+    assert "ANTHROPIC" not in nsbox(cmd=["env"], extra_env=key).stdout  # network none: nothing to inject into
+    assert "sk-ant-test" not in nsbox("--network", "allowlist", cmd=["env"], extra_env=key).stdout
+    assert "ANTHROPIC_API_KEY=sk-ant-test" in nsbox("--api-key-mode", "env", cmd=["env"], extra_env=key).stdout
+    assert "ANTHROPIC" not in nsbox("--no-api-key", "--network", "allowlist", cmd=["env"], extra_env=key).stdout
 
 
 def test_signals_are_default_and_a_new_session_without_a_terminal(nsbox):

@@ -137,7 +137,8 @@ def test_claude_code_runs_under_the_default_profile(nsbox, project):
     claude = REPO / ".venv" / "claude" / "node_modules" / "@anthropic-ai" / "claude-code-linux-x64" / "claude"
     if not claude.exists():
         pytest.skip("Claude Code is not installed: scripts/test installs it with npm (NSBOX_SETUP_CLAUDE=1)")
-    r = nsbox(cmd=[str(claude), "--version"], timeout=120)
+    # `-- claude ARGS` finds claude on the caller's PATH and binds it in, as for the default agent.
+    r = nsbox(cmd=["claude", "--version"], timeout=120, extra_env={"PATH": f"{claude.parent}:/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert "Claude Code" in r.stdout
 

@@ -3,8 +3,10 @@
 The command starts with nothing inherited by accident:
 
 - a clean environment, built from an allowlist (spec.ENV_PASSTHROUGH, LC_*), plus PATH,
-  HOME, USER, LOGNAME, SHELL, plus what `--env` names; ANTHROPIC_API_KEY only when set
-  and not `--no-api-key`. Secrets go through the environment of execve(2), never argv;
+  HOME, USER, LOGNAME, SHELL, the proxy variables of `--network allowlist`, plus what
+  `--env` names. The real ANTHROPIC_API_KEY stays in the launcher (the proxy injects it;
+  the agent holds a placeholder) unless `--api-key-mode env`. Secrets go through the
+  environment of execve(2), never argv;
 - every signal disposition back to default and none blocked (CPython ignores SIGPIPE
   and SIGXFSZ, and an ignored disposition survives exec);
 - a new session (setsid), so it has no controlling terminal of the host: TIOCSTI cannot
@@ -64,15 +66,16 @@ def plan(
     user: str,
     shell: str,
     extra_env: tuple[str, ...],
-    no_api_key: bool,
+    api_key: str | None,
+    network_env: dict[str, str],
     tty: bool,
     caller_env: dict[str, str],
 ) -> ExecvePlan:
     host_binds: tuple[tuple[str, str], ...] = ()
-    if not command:
-        # The default command is the agent. In host mode it is found on the caller's PATH
-        # (often ~/.local/bin or an npm prefix, which the sandbox does not see) and its
-        # real file is bound read-only into the sandbox.
+    if not command or command[0] == AGENT_COMMAND[0]:
+        # The default command is the agent (and `-- claude ARGS` names it too). In host
+        # mode it is found on the caller's PATH (often ~/.local/bin or an npm prefix,
+        # which the sandbox does not see) and its real file is bound read-only inside.
         found = shutil.which(AGENT_COMMAND[0], path=caller_env.get("PATH", os.defpath))
         if not found:
             raise StepError(
@@ -83,14 +86,15 @@ def plan(
             )
         real = os.path.realpath(found)
         host_binds = ((real, f"{AGENT_BIN}/{AGENT_COMMAND[0]}"),)
-        command = AGENT_COMMAND
+        command = command or AGENT_COMMAND
     env: dict[str, str] = {}
     for key, value in caller_env.items():
         if key in ENV_PASSTHROUGH or key.startswith(ENV_PASSTHROUGH_PREFIXES):
             env[key] = value
     env.update(PATH=INSIDE_PATH, HOME=home, USER=user, LOGNAME=user, SHELL=shell)
-    if not no_api_key and caller_env.get("ANTHROPIC_API_KEY"):
-        env["ANTHROPIC_API_KEY"] = caller_env["ANTHROPIC_API_KEY"]
+    env.update(network_env)  # proxy variables, and the placeholder key when the proxy injects the real one
+    if api_key:  # --api-key-mode env: the real key itself (the documented risk)
+        env["ANTHROPIC_API_KEY"] = api_key
     for item in extra_env:
         key, sep, value = item.partition("=")
         if sep:

@@ -106,7 +106,7 @@ def plan(
     passwd: str,
     group: str,
     writable_git: bool = False,
-    extra_ro_binds: tuple[tuple[str, str], ...] = (),
+    extra_ro_binds: tuple[tuple[str, str, str], ...] = (),  # (host path, inside path, why)
 ) -> MountNsPlan:
     """The mounts of a host-mode sandbox. Pure, except for lstat() of the host paths it names."""
     _depth_ok(project)
@@ -140,8 +140,12 @@ def plan(
                 )
             mounts.append(Mount("bind", path, path, why="runs on the host later: read-only (--writable-git)"))
     mounts += _dev_mounts()
-    for source, target in extra_ro_binds:
-        mounts.append(Mount("bind", target, source, why="resolved on the host"))
+    for source, target, why in extra_ro_binds:
+        _depth_ok(target)
+        if not os.path.exists(source):
+            raise usage_error("mountns.plan", f"{source!r} does not exist on the host",
+                              fix="give an existing file or directory to --ro-bind")
+        mounts.append(Mount("bind", target, source, why=why))
     return MountNsPlan(tuple(mounts), project)
 
 

@@ -3,38 +3,134 @@
 A new network namespace has one interface, `lo`, and it is down. init brings it up
 (through netlink, with pyroute2), so programs inside can talk to themselves on
 127.0.0.1. Nothing else exists: the host's interfaces, its loopback (a service on the
-host's 127.0.0.1 is a different address space), its routes and abstract unix sockets
-are all out of reach.
+host's 127.0.0.1 is a different address space), its routes and its abstract unix
+sockets are all out of reach, and no name resolves (no DNS server is reachable).
 
-Kernel docs: network_namespaces(7), rtnetlink(7).
-Order:       unshared by the holder; lo brought up by init while it still holds
-             CAP_NET_ADMIN in the user namespace that owns this network namespace.
+Three modes (`--network`):
+
+    none        only lo. The default for any command but the agent.
+    allowlist   only lo, plus the proxy: init binds 127.0.0.1:3128 inside and passes the
+                listening socket to the launcher (SCM_RIGHTS), which serves it from the
+                host's namespace (nsbox.net). HTTP_PROXY/HTTPS_PROXY point at it; names
+                resolve on the host, against the allowlist. The default for the agent.
+    host        no network namespace: the host's network, unfiltered. Said loudly.
+
+Kernel docs: network_namespaces(7), rtnetlink(7), unix(7) SCM_RIGHTS.
+Order:       unshared by the holder; lo brought up and the proxy socket bound by init
+             while it still holds CAP_NET_ADMIN in the namespace's owner; the launcher
+             serves the socket after its last fork.
 Verify:      /proc/net/dev lists only lo; lo is UP; connecting to a listener on the
-             host's 127.0.0.1 fails with ECONNREFUSED.
+             host's 127.0.0.1 fails with ECONNREFUSED; through the proxy an allowed name
+             answers and any other gets 403.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute  # untyped library (mypy override in pyproject.toml); used here only
 
-from nsbox.errors import acting
+from nsbox import net
+from nsbox.errors import acting, usage_error
+
+PROXY_PORT = 3128  # inside the sandbox's own network namespace: no clash with the host
+# Without an allowed-domains.txt, the agent may reach its API and nothing else.
+DEFAULT_ALLOWED = ("api.anthropic.com",)
 
 
 @dataclass(frozen=True)
 class NetNsPlan:
-    mode: str  # "none": loopback only
+    mode: str
+    proxy: net.ProxyConfig | None = field(default=None, repr=False)  # holds the real key: never printed
+    rules_source: str = ""
+
+    @property
+    def unshare(self) -> bool:
+        return self.mode != "host"
 
     def describe(self) -> list[str]:
-        return ["new network namespace: only lo, brought up; no route out (--network none)"]
+        if self.mode == "host":
+            return ["NO network namespace (--network host): the agent uses the host's network, unfiltered"]
+        lines = ["new network namespace: only lo, brought up; no route out, no DNS"]
+        if self.proxy is not None:
+            lines.append(f"allowlist proxy on 127.0.0.1:{PROXY_PORT} inside, served by the launcher; "
+                         f"rules from {self.rules_source}:")
+            for rule in self.proxy.rules:
+                name = ("*." if rule.wildcard else "") + rule.host.text
+                ports = ",".join(map(str, sorted(rule.ports))) if rule.ports else ("all" if rule.deny else "80,443")
+                lines.append(f"  {'deny ' if rule.deny else 'allow'} {name} ports {ports}   ({rule.source})")
+            for pin in self.proxy.pins:
+                lines.append(f"  pinned {pin.host.text}:{pin.port} -> {', '.join(pin.addresses)} (--resolve)")
+            if self.proxy.api is not None:
+                a = self.proxy.api
+                lines.append(f"  API key injected into http://{a.host} requests, sent to {a.upstream_scheme}://"
+                             f"{a.upstream_host}:{a.upstream_port}; the agent holds a placeholder")
+        return lines
 
 
-def plan(mode: str) -> NetNsPlan:
-    return NetNsPlan(mode)
+def plan(mode: str, allow_domains: tuple[str, ...], resolve: tuple[str, ...], api_key: str | None,
+         api_upstream: str | None, config_dir: Path) -> NetNsPlan:
+    """Parse the rules (before any fork: bad input fails here, as StepError("net.rules"))."""
+    if mode != "allowlist":
+        if allow_domains or resolve:
+            raise usage_error("spec.validate", "--allow-domain and --resolve need --network allowlist",
+                              fix="add --network allowlist")
+        return NetNsPlan(mode)
+    path = config_dir / "allowed-domains.txt"
+    if path.exists():
+        rules, source = net.parse_rules_file(path), str(path)
+    else:
+        rules, source = net.parse_cli_entries(DEFAULT_ALLOWED, flag="built-in default"), "the built-in default"
+    if allow_domains:
+        rules += net.parse_cli_entries(allow_domains)
+        source += " and --allow-domain"
+    api = None
+    if api_key:
+        try:
+            api = (net.ApiKeyInjection.from_url(api_key, api_upstream) if api_upstream
+                   else net.ApiKeyInjection(key=api_key))
+        except ValueError as e:
+            raise usage_error("spec.validate", str(e), fix="--api-upstream https://HOST[:PORT]") from None
+    config = net.ProxyConfig(rules=rules, pins=net.parse_pins(resolve), api=api)
+    return NetNsPlan(mode, config, source)
+
+
+def environment(p: NetNsPlan) -> dict[str, str]:
+    """What the agent's environment needs for this mode (proxy variables, placeholder key)."""
+    if p.proxy is None:
+        return {}
+    env = net.proxy_env(PROXY_PORT)
+    if p.proxy.api is not None:
+        env.update(net.api_key_env())
+    return env
 
 
 def bring_up_loopback(p: NetNsPlan) -> None:
+    """Role INIT: lo up (in host mode there is nothing of ours to configure)."""
+    if not p.unshare:
+        return
     with acting("netns.bring_up_loopback", "RTM_NEWLINK lo up (pyroute2 IPRoute.link)"), IPRoute() as ipr:
         index = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=index, state="up")
+
+
+def open_proxy_socket(p: NetNsPlan) -> socket.socket | None:
+    """Role INIT: the proxy's listening socket, bound inside; the launcher will serve it."""
+    if p.proxy is None:
+        return None
+    with acting("netns.open_proxy_socket", f"bind(127.0.0.1:{PROXY_PORT}) and listen()"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", PROXY_PORT))
+        sock.listen(256)
+    return sock
+
+
+def serve(p: NetNsPlan, fd: int, on_event: net.EventSink) -> net.ProxyServer:
+    """Role LAUNCHER, after its last fork: serve the socket init passed over (threads)."""
+    assert p.proxy is not None
+    server = net.ProxyServer(socket.socket(fileno=fd), p.proxy, on_event)
+    server.start()
+    return server

@@ -26,10 +26,12 @@ StepError naming the layer digest and the entry. `tarfile` only parses headers h
 extraction (and its filters, which Debian 12's Python 3.11.2 lacks and which reject the
 absolute symlinks real images contain) is never used.
 
-Documented differences from `umoci unpack --rootless`: device nodes are skipped (umoci
-writes an empty file); setuid/setgid bits and non-`user.*` xattrs are dropped (umoci keeps
-the bits); an entry below a symlinked directory is refused (umoci resolves the symlink
-inside the root); absolute entry names are refused (umoci joins them to the root).
+Documented differences from `umoci unpack --rootless` (0.4.7; pinned by
+tests/test_image_store.py): device nodes are skipped (umoci writes an empty file);
+setuid/setgid bits are cleared (umoci keeps them); non-`user.*` xattrs are dropped (umoci
+fails on `security.capability` with EINVAL); an entry below a symlinked directory is
+refused (umoci resolves the symlink inside the root); absolute entry names are refused
+(umoci joins them to the root). Ownership is never applied, as with umoci rootless.
 
 Kernel docs: user_namespaces(7), mount_namespaces(7), pivot_root(2), openat(2) (O_NOFOLLOW),
              linkat(2), xattr(7). OCI image spec: layer.md (changesets, whiteouts),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from nsbox import __version__
+from nsbox import __version__, hints, limits
 from nsbox.errors import ExitCode, StepError
 from nsbox.sandbox import Sandbox
 from nsbox.spec import SandboxSpec
@@ -70,6 +70,8 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
                      help="default, permissive, or a profile file (our TOML, or Docker/OCI JSON)."),
         click.option("--without", "without", multiple=True, metavar="LAYER",
                      help="Study mode: run with LAYER removed (caps, landlock, seccomp). Loudly unsafe."),
+        click.option("--timeout", metavar="DURATION", help="End the sandbox after this long (30m, 90s); exit 124."),
+        click.option("--disk", metavar="SIZE", help="Cap /tmp and /dev/shm (tmpfs size=), e.g. 512M."),
         click.option("--log", "log", type=click.Path(path_type=Path), help="Write JSON-lines events here."),
         click.option("--verbose", "-v", is_flag=True, help="Print each launch step as it completes."),
     ]
@@ -94,12 +96,19 @@ def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
         click.echo("nsbox: warning: --network host: the agent shares the host's network, unfiltered "
                    "(every host service on 127.0.0.1, every address)", err=True)
     key_mode = "none" if opts["no_api_key"] else opts["api_key_mode"]
+    timeout = limits.parse_duration(opts["timeout"]) if opts["timeout"] else None
+    disk = limits.parse_size(opts["disk"]) if opts["disk"] else None
     return SandboxSpec(project=opts["project"] or Path.cwd(), uid=opts["uid"], name=opts["name"],
                        fresh=opts["fresh"], hostname=opts["hostname"], env=opts["env"],
                        api_key_mode=key_mode, writable_git=opts["writable_git"], network=opts["network"],
                        allow_domains=opts["allow_domains"], resolve=opts["resolve"],
                        api_upstream=opts["api_upstream"], ro_binds=opts["ro_binds"], trace=trace,
-                       seccomp_profile=opts["seccomp_profile"], without=opts["without"])
+                       seccomp_profile=opts["seccomp_profile"], without=opts["without"], timeout=timeout, disk=disk)
+
+
+def _fail(e: StepError) -> NoReturn:
+    click.echo(hints.explain(e).render(), err=True)
+    sys.exit(e.exit_code)
 
 
 def _command(command: tuple[str, ...]) -> list[str] | None:
@@ -120,7 +129,10 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, **opts: Any) 
       nsbox run                      the agent, on the current directory
       nsbox run ~/src/app -- bash    a shell, on ~/src/app
     """
-    spec = _spec(opts, trace=bool(log or verbose))
+    try:
+        spec = _spec(opts, trace=bool(log or verbose))
+    except StepError as e:
+        _fail(e)
     result = Sandbox(spec).run(_command(command))
     if verbose:
         for event in result.events:
@@ -142,14 +154,10 @@ def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: boo
     """Print what `nsbox run` would do, layer by layer. Changes nothing."""
     from nsbox.launch import SEQUENCE
 
-    spec = _spec(opts, trace=False)
     try:
-        layers = Sandbox(spec).plan(_command(command))
+        layers = Sandbox(_spec(opts, trace=False)).plan(_command(command))
     except StepError as e:
-        from nsbox import hints
-
-        click.echo(hints.explain(e).render(), err=True)
-        sys.exit(e.exit_code)
+        _fail(e)
     if as_json:
         click.echo(json.dumps({
             "sequence": [{"who": s.who, "step": s.id, "why": s.why} for s in SEQUENCE],

@@ -155,7 +155,8 @@ def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, ho
     for item in spec.ro_binds:
         host, _, inside = item.partition(":")
         binds += ((os.path.realpath(host), inside or os.path.realpath(host), "--ro-bind"),)
-    m = mountns.plan(str(spec.project), home_source, u.home, u.passwd(), u.group(), spec.writable_git, binds)
+    m = mountns.plan(str(spec.project), home_source, u.home, u.passwd(), u.group(), spec.writable_git, binds,
+                     spec.disk)
     writable = [str(spec.project), u.home, "/tmp", "/dev/shm"]
     return Plans(
         spec, u, m, pidns.plan(), n, utsns.plan(spec.hostname),
@@ -176,9 +177,12 @@ class Outcome:
     status: AgentStatus | None = None
     error: StepError | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    timed_out: bool = False
 
     @property
     def exit_code(self) -> int:
+        if self.timed_out:
+            return ExitCode.TIMEOUT
         if self.status is not None:
             return self.status.exit_code
         return self.error.exit_code if self.error else ExitCode.NSBOX
@@ -228,7 +232,8 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
                         proxy = netns.serve(plans.netns, fds.pop(0), lambda e: outcome.events.append(
                             {**e, "t": time.time()}))
                 with step("process.supervise"):
-                    holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), pty_fd, outcome)
+                    holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), pty_fd, outcome,
+                                               spec.timeout, spec.timeout_grace)
     finally:
         if proxy is not None:
             proxy.stop()
@@ -329,13 +334,16 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
     raise AssertionError("execve returned")
 
 
-def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None, outcome: Outcome) -> int:
+def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None, outcome: Outcome,
+               timeout: float | None, grace: float) -> int:
     """Role LAUNCHER, after sync 3: relay the terminal, forward signals, collect the status.
 
-    One thread, one select loop: the launcher may not start threads before the last
-    fork, and the last fork (the agent) happens after "go". Returns the holder's wait
-    status.
+    One select loop in the main thread (the proxy, if any, has its own threads). With a
+    timeout, the agent gets SIGTERM (through init) when it expires, and the whole
+    sandbox SIGKILL `grace` seconds later: killing init ends every process of its PID
+    namespace. Returns the holder's wait status.
     """
+    deadline = time.monotonic() + timeout if timeout is not None else None
     relay = terminal.Relay(pty_fd) if pty_fd is not None else None
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -354,8 +362,11 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
                 if relay is not None:
                     readers += relay.read_fds()
                     writers += relay.write_fds()
+                if deadline is not None and time.monotonic() >= deadline:
+                    deadline = _on_timeout(outcome, init_pid, grace)
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
                 try:
-                    readable, writable, _ = select.select(readers, writers, [], 1.0)
+                    readable, writable, _ = select.select(readers, writers, [], wait)
                 except InterruptedError:
                     continue
                 for fd in readable:
@@ -398,6 +409,18 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _on_timeout(outcome: Outcome, init_pid: int, grace: float) -> float | None:
+    """First expiry: SIGTERM to the agent (init forwards it); second: SIGKILL to init."""
+    if not outcome.timed_out:
+        outcome.timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init_pid, signal.SIGTERM)
+        return time.monotonic() + grace
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(init_pid, signal.SIGKILL)
+    return None
 
 
 def launch(spec: SandboxSpec, command: tuple[str, ...] | None = None,

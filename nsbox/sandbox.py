@@ -57,4 +57,8 @@ class Sandbox:
         sig = outcome.status.signal if outcome.status else None
         if sig is not None:
             flags.add("signaled")
+        if outcome.timed_out:
+            flags.add("timeout")
+            error = (f"nsbox: timeout: the command ran past --timeout {self.spec.timeout:g}s; it got SIGTERM, "
+                     f"and the sandbox SIGKILL {self.spec.timeout_grace:g}s later if still running")
         return Result(outcome.exit_code, sig, error, frozenset(flags), tuple(outcome.events))

@@ -50,6 +50,9 @@ class SandboxSpec:
     resolve: tuple[str, ...] = ()  # --resolve NAME:PORT:ADDR (curl's syntax)
     api_upstream: str | None = None  # --api-upstream URL: where injected API requests go
     ro_binds: tuple[str, ...] = ()  # --ro-bind HOST[:INSIDE], read-only, nosuid, nodev
+    timeout: float | None = None  # seconds; then SIGTERM, grace, SIGKILL of the whole sandbox; exit 124
+    timeout_grace: float = 3.0
+    disk: int | None = None  # bytes: size= of every tmpfs the agent can write (/tmp, /dev/shm)
     trace: bool = False  # report every step as an event (--verbose, --log)
     seccomp_profile: str | None = None  # "default", "permissive", or a TOML/JSON file
     without: tuple[str, ...] = ()  # study mode: layers removed, loudly
@@ -84,6 +87,10 @@ class SandboxSpec:
         if self.api_key_mode not in (None, *API_KEY_MODES):
             raise usage_error("spec.validate", f"--api-key-mode {self.api_key_mode!r} is not a mode",
                               fix="one of: " + ", ".join(API_KEY_MODES))
+        if self.timeout is not None and self.timeout <= 0:
+            raise usage_error("spec.validate", "--timeout must be positive")
+        if self.disk is not None and self.disk < 1 << 20:
+            raise usage_error("spec.validate", "--disk must be at least 1M")
         for layer in self.without:
             if layer not in REMOVABLE_LAYERS:
                 raise usage_error("spec.validate", f"--without {layer!r}: not a layer that can be removed",

@@ -107,6 +107,7 @@ def plan(
     group: str,
     writable_git: bool = False,
     extra_ro_binds: tuple[tuple[str, str, str], ...] = (),  # (host path, inside path, why)
+    disk: int | None = None,
 ) -> MountNsPlan:
     """The mounts of a host-mode sandbox. Pure, except for lstat() of the host paths it names."""
     _depth_ok(project)
@@ -121,7 +122,8 @@ def plan(
         Mount("file", "/etc/group", group),
         Mount("bind", home_target, home_source, readonly=False, why="private $HOME, persistent per sandbox name"),
         Mount("bind", project, project, readonly=False, why="the project, at its own path"),
-        Mount("tmpfs", "/tmp", readonly=False, options="mode=1777", why="private /tmp"),
+        Mount("tmpfs", "/tmp", readonly=False, options="mode=1777" + _size(disk),
+              why="private /tmp" + (" (--disk)" if disk else "")),
         Mount("dir", "/proc", why="procfs is mounted here by pidns.mount_proc"),
         Mount("dir", "/run/nsbox"),
     ]
@@ -139,7 +141,7 @@ def plan(
                         "or run with --writable-git",
                 )
             mounts.append(Mount("bind", path, path, why="runs on the host later: read-only (--writable-git)"))
-    mounts += _dev_mounts()
+    mounts += _dev_mounts(disk)
     for source, target, why in extra_ro_binds:
         _depth_ok(target)
         if not os.path.exists(source):
@@ -149,14 +151,19 @@ def plan(
     return MountNsPlan(tuple(mounts), project)
 
 
-def _dev_mounts() -> list[Mount]:
+def _size(disk: int | None) -> str:
+    # tmpfs size= caps the blocks a writer can use; past it, write(2) fails with ENOSPC.
+    return f",size={disk}" if disk else ""
+
+
+def _dev_mounts(disk: int | None) -> list[Mount]:
     m = [Mount("tmpfs", "/dev", options="mode=0755", why="minimal /dev; no host device but these")]
     m += [Mount("bind", f"/dev/{d}", f"/dev/{d}", readonly=False) for d in DEVICES]
     m += [
         Mount("devpts", "/dev/pts", readonly=False, options="newinstance,ptmxmode=0666,mode=0620",
               why="the sandbox's own ptys; none of the host's"),
         Mount("symlink", "/dev/ptmx", "pts/ptmx"),
-        Mount("tmpfs", "/dev/shm", readonly=False, options="mode=1777"),
+        Mount("tmpfs", "/dev/shm", readonly=False, options="mode=1777" + _size(disk)),
         Mount("symlink", "/dev/fd", "/proc/self/fd"),
         Mount("symlink", "/dev/stdin", "/proc/self/fd/0"),
         Mount("symlink", "/dev/stdout", "/proc/self/fd/1"),

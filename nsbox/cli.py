@@ -70,6 +70,8 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
                      help="default, permissive, or a profile file (our TOML, or Docker/OCI JSON)."),
         click.option("--without", "without", multiple=True, metavar="LAYER",
                      help="Study mode: run with LAYER removed (caps, landlock, seccomp). Loudly unsafe."),
+        click.option("--image", metavar="REF", help="Use an image of the local store as / (an overlay: "
+                     "writes persist per --name, --fresh discards them). Default: the host's system dirs."),
         click.option("--timeout", metavar="DURATION", help="End the sandbox after this long (30m, 90s); exit 124."),
         click.option("--disk", metavar="SIZE", help="Cap /tmp and /dev/shm (tmpfs size=), e.g. 512M."),
         click.option("--log", "log", type=click.Path(path_type=Path), help="Write JSON-lines events here."),
@@ -103,7 +105,8 @@ def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
                        api_key_mode=key_mode, writable_git=opts["writable_git"], network=opts["network"],
                        allow_domains=opts["allow_domains"], resolve=opts["resolve"],
                        api_upstream=opts["api_upstream"], ro_binds=opts["ro_binds"], trace=trace,
-                       seccomp_profile=opts["seccomp_profile"], without=opts["without"], timeout=timeout, disk=disk)
+                       seccomp_profile=opts["seccomp_profile"], without=opts["without"], timeout=timeout, disk=disk,
+                       image=opts["image"])
 
 
 def _fail(e: StepError) -> NoReturn:
@@ -171,3 +174,77 @@ def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: boo
         click.echo(f"\n{layer}:")
         for line in lines:
             click.echo(f"  {line}")
+
+
+# ---- nsbox image ------------------------------------------------------------------------
+
+
+@main.group()
+def image() -> None:
+    """The local image store ($XDG_DATA_HOME/nsbox): import, list, inspect, remove, unpack."""
+
+
+def _store_call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except StepError as e:
+        _fail(e)
+
+
+@image.command("import")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", metavar="NAME[:TAG]", help="Name the image (default: the archive's own name).")
+def image_import(path: Path, name: str | None) -> None:
+    """Import an OCI image layout (directory or tar) or a `docker save` archive."""
+    from nsbox.image import store
+
+    click.echo(str(_store_call(store.import_image, path, name)))
+
+
+@image.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def image_ls(as_json: bool) -> None:
+    """List the images in the store."""
+    from nsbox.image import store
+
+    infos = _store_call(store.list_images)
+    if as_json:
+        click.echo(json.dumps([{"digest": i.ref.digest, "names": list(i.names), "size": i.size, "layers": i.layers,
+                                "created": i.created, "unpacked": i.unpacked} for i in infos], indent=2))
+        return
+    click.echo(f"{'NAME':30} {'DIGEST':19} {'LAYERS':>6} {'SIZE':>10}  UNPACKED")
+    for i in infos:
+        for n in i.names or ("<none>",):
+            click.echo(f"{n:30} {i.ref.digest[:19]} {i.layers:>6} {i.size:>10}  {'yes' if i.unpacked else 'no'}")
+
+
+@image.command("inspect")
+@click.argument("ref")
+def image_inspect(ref: str) -> None:
+    """Manifest, config, layers and sizes of an image, as JSON."""
+    from nsbox.image import store
+
+    click.echo(json.dumps(_store_call(store.inspect, ref), indent=2, default=str))
+
+
+@image.command("rm")
+@click.argument("ref")
+def image_rm(ref: str) -> None:
+    """Remove an image (refused while a sandbox uses it); unreferenced blobs go too."""
+    from nsbox.image import store
+
+    for gone in _store_call(store.remove, ref):
+        click.echo(f"removed {gone}")
+
+
+@image.command("unpack")
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+def image_unpack(ref: str, dest: Path) -> None:
+    """Write an image's root filesystem into DEST (new or empty), with nsbox's unpacker."""
+    from nsbox.image import store
+
+    report = _store_call(store.unpack_to, ref, dest)
+    click.echo(f"{report.entries} entries, {report.bytes} bytes -> {dest}")
+    for warning in report.warnings:
+        click.echo(f"nsbox: warning: {warning}", err=True)

@@ -67,6 +67,16 @@ def _make_writable_and_retry(func: object, path: str, _exc: object) -> None:
         os.unlink(path)
 
 
+def prepare_upper(name: str, fresh: bool) -> Path:
+    """The persistent upper layer of an image sandbox (`data/`, and overlayfs's `work/`)."""
+    upper = sandbox_dir(name) / "upper"
+    if fresh and upper.exists():
+        shutil.rmtree(upper, onerror=_make_writable_and_retry)
+    for sub in ("data", "work"):
+        (upper / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    return upper
+
+
 def prepare_home(name: str, fresh: bool) -> Path:
     """Create (or with `fresh`, wipe and recreate) the agent's persistent home directory."""
     home = sandbox_dir(name) / "home"

@@ -28,6 +28,7 @@ from typing import Any
 
 from nsbox import config, net, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
+from nsbox.image import store as image_store
 from nsbox.layers import caps, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
 from nsbox.process import AgentStatus, Channel, ErrorPipe
 from nsbox.spec import SandboxSpec
@@ -47,6 +48,7 @@ SEQUENCE: tuple[Step, ...] = (
     #    who       step                        why it is here
     Step(LAUNCHER, "spec.validate",            "a bad request fails before anything changes"),
     Step(LAUNCHER, "config.prepare_home",      "the agent's persistent $HOME exists before it is bound"),
+    Step(LAUNCHER, "image.materialize",        "unpack (once, cached) and hold the image in use: never after fork"),
     Step(LAUNCHER, "seccomp.compile",          "libseccomp runs here, once; the agent only loads finished BPF"),
     Step(LAUNCHER, "process.fork_holder",      "forked single-threaded; PDEATHSIG ties it to the launcher"),
     Step(HOLDER,   "userns.unshare",           "first: it owns every namespace made after it"),
@@ -136,7 +138,17 @@ class Plans:
         ]
 
 
-def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, home_source: str) -> Plans:
+@dataclass(frozen=True)
+class ImageRoot:
+    """An image's unpacked tree (held in use by the launcher) and its config."""
+
+    rootfs: str
+    config: image_store.ImageConfig
+    upper: str
+
+
+def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, home_source: str,
+               image: ImageRoot | None = None) -> Plans:
     """Every layer's plan, from the spec. Pure apart from reading host paths, $PATH and
     the user's configuration, and compiling the seccomp profile (cached)."""
     settings = config.load_config()
@@ -149,15 +161,20 @@ def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, ho
                    spec.api_upstream, config.config_home())
     u = userns.plan(spec)
     passed_key = key if key_mode == "env" else None  # "inject" keeps it in the launcher
+    if image is not None:
+        command = image.config.argv(command or ()) or None  # Entrypoint + (command, or Cmd)
     e = execve.plan(command, str(spec.project), u.home, u.user, u.shell, spec.env, passed_key,
-                    netns.environment(n), tty, dict(os.environ))
+                    netns.environment(n), tty, dict(os.environ), image.config.env if image else None)
     binds = tuple((host, inside, "found on the caller's PATH") for host, inside in e.host_binds)
     for item in spec.ro_binds:
         host, _, inside = item.partition(":")
         binds += ((os.path.realpath(host), inside or os.path.realpath(host), "--ro-bind"),)
+    root = (mountns.Root(image.rootfs, None if spec.disk else image.upper, spec.disk) if image
+            else mountns.Root())
     m = mountns.plan(str(spec.project), home_source, u.home, u.passwd(), u.group(), spec.writable_git, binds,
-                     spec.disk)
-    writable = [str(spec.project), u.home, "/tmp", "/dev/shm"]
+                     spec.disk, root)
+    # An image's root is the sandbox's own overlay: writable there, as the mounts say.
+    writable = [str(spec.project), u.home, "/tmp", "/dev/shm"] + (["/"] if image else [])
     return Plans(
         spec, u, m, pidns.plan(), n, utsns.plan(spec.hostname),
         caps=None if "caps" in spec.without else caps.plan(),
@@ -203,8 +220,21 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
     assert spec.name is not None
     with step("config.prepare_home"):
         home = config.prepare_home(spec.name, spec.fresh)
-    with step("seccomp.compile"):
-        plans = make_plans(spec, command, stdin_is_tty, str(home))
+    with contextlib.ExitStack() as held:
+        with step("image.materialize"):
+            image = None
+            if spec.image:
+                # Unpacked once per image (cached), and marked in use until the run ends.
+                rootfs = held.enter_context(image_store.use_rootfs(spec.image))
+                image = ImageRoot(str(rootfs), image_store.image_config(spec.image),
+                                  str(config.prepare_upper(spec.name, spec.fresh)))
+        with step("seccomp.compile"):
+            plans = make_plans(spec, command, stdin_is_tty, str(home), image)
+        return _launch(plans, step, events)
+
+
+def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]]) -> Outcome:
+    spec = plans.spec
 
     mine, theirs = Channel.pair()
     errors = ErrorPipe()

@@ -39,6 +39,8 @@ from nsbox.spec import ENV_PASSTHROUGH, ENV_PASSTHROUGH_PREFIXES
 AGENT_COMMAND = ("claude", "--dangerously-skip-permissions")
 INSIDE_PATH = f"{AGENT_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SECRET_NAMES = ("ANTHROPIC_API_KEY",)
+IMAGE_ENV_REFUSED_PREFIXES = ("LD_",)  # LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT...
+IMAGE_ENV_REFUSED = ("HOME", "USER", "LOGNAME", "SHELL", "BASH_ENV", "ENV", "PYTHONSTARTUP")
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,12 @@ def plan(
     network_env: dict[str, str],
     tty: bool,
     caller_env: dict[str, str],
+    image_env: tuple[str, ...] | None = None,  # image mode: the image config's Env
 ) -> ExecvePlan:
     host_binds: tuple[tuple[str, str], ...] = ()
-    if not command or command[0] == AGENT_COMMAND[0]:
+    if image_env is not None:
+        command = command or AGENT_COMMAND  # looked up inside the image, never on the host
+    elif not command or command[0] == AGENT_COMMAND[0]:
         # The default command is the agent (and `-- claude ARGS` names it too). In host
         # mode it is found on the caller's PATH (often ~/.local/bin or an npm prefix,
         # which the sandbox does not see) and its real file is bound read-only inside.
@@ -88,10 +93,16 @@ def plan(
         host_binds = ((real, f"{AGENT_BIN}/{AGENT_COMMAND[0]}"),)
         command = command or AGENT_COMMAND
     env: dict[str, str] = {}
+    for item in image_env or ():
+        key, sep, value = item.partition("=")
+        # The image's Env is honoured, except what would change how every program loads.
+        if sep and not key.startswith(IMAGE_ENV_REFUSED_PREFIXES) and key not in IMAGE_ENV_REFUSED:
+            env[key] = value
     for key, value in caller_env.items():
         if key in ENV_PASSTHROUGH or key.startswith(ENV_PASSTHROUGH_PREFIXES):
             env[key] = value
-    env.update(PATH=INSIDE_PATH, HOME=home, USER=user, LOGNAME=user, SHELL=shell)
+    env.update(PATH=INSIDE_PATH if image_env is None else env.get("PATH", INSIDE_PATH),
+               HOME=home, USER=user, LOGNAME=user, SHELL=shell)
     env.update(network_env)  # proxy variables, and the placeholder key when the proxy injects the real one
     if api_key:  # --api-key-mode env: the real key itself (the documented risk)
         env["ANTHROPIC_API_KEY"] = api_key

@@ -80,12 +80,29 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Root:
+    """What / is: a fresh tmpfs (host mode), or an overlay on an image's unpacked tree."""
+
+    image: str | None = None  # host path of the unpacked image (the overlay's lower layer)
+    upper: str | None = None  # host dir of the persistent upper layer (its workdir beside it)
+    upper_size: int | None = None  # --disk in image mode: the upper is a tmpfs of this size
+
+    def describe(self) -> str:
+        if self.image is None:
+            return "a fresh tmpfs, read-only once built"
+        upper = (f"a tmpfs of {self.upper_size} bytes (--disk; discarded at exit)" if self.upper_size
+                 else f"{self.upper} (persistent per sandbox name; --fresh discards it)")
+        return f"overlay: image {self.image} (read-only lower), writes go to {upper}"
+
+
+@dataclass(frozen=True)
 class MountNsPlan:
     mounts: tuple[Mount, ...]
     project: str
+    root: Root = Root()
 
     def describe(self) -> list[str]:
-        return ["new mount namespace, private propagation; pivot_root into a fresh tmpfs root (ro)"] + [
+        return [f"new mount namespace, private propagation; pivot_root into {self.root.describe()}"] + [
             "  " + m.describe() + (f"   # {m.why}" if m.why else "") for m in self.ordered()
         ]
 
@@ -108,11 +125,16 @@ def plan(
     writable_git: bool = False,
     extra_ro_binds: tuple[tuple[str, str, str], ...] = (),  # (host path, inside path, why)
     disk: int | None = None,
+    root: Root = Root(),
 ) -> MountNsPlan:
-    """The mounts of a host-mode sandbox. Pure, except for lstat() of the host paths it names."""
+    """The mounts of a sandbox. Pure, except for lstat() of the host paths it names."""
     _depth_ok(project)
+    for path in (root.image, root.upper):
+        if path and any(c in path for c in ",:\\\n"):
+            raise usage_error("mountns.plan", f"{path!r} contains a character overlayfs options cannot carry",
+                              fix="set XDG_DATA_HOME to a path without ',', ':' or '\\'")
     mounts: list[Mount] = []
-    for d in SYSTEM_DIRS:
+    for d in SYSTEM_DIRS if root.image is None else ():  # image mode: the image provides them
         if os.path.islink(d):
             mounts.append(Mount("symlink", d, os.readlink(d), why="as on the host (merged /usr)"))
         elif os.path.isdir(d):
@@ -148,7 +170,7 @@ def plan(
             raise usage_error("mountns.plan", f"{source!r} does not exist on the host",
                               fix="give an existing file or directory to --ro-bind")
         mounts.append(Mount("bind", target, source, why=why))
-    return MountNsPlan(tuple(mounts), project)
+    return MountNsPlan(tuple(mounts), project, root)
 
 
 def _size(disk: int | None) -> str:
@@ -202,12 +224,44 @@ def _new(path: str) -> str:
     return NEW + path
 
 
+def _safe_dirs(path: str) -> None:
+    """mkdir -p of an inside path under the new root, refusing any symlink on the way.
+
+    The tree under /newroot may come from an image, or from the agent's persistent home:
+    a symlink there (`/dev -> /oldroot/home/you`) would send a mkdir or a mount to the
+    host. Nothing is followed: every existing component must be a real directory.
+    """
+    assert path.startswith(NEW)
+    current = NEW
+    for part in path[len(NEW):].strip("/").split("/"):
+        if not part:
+            continue
+        current = f"{current}/{part}"
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise StepError("mountns.build_root", f"mount point {current[len(NEW):]!r}",
+                            detail=f"it is {kind} in the new root; refusing to follow or replace it",
+                            fix="remove it from the image, the sandbox's home, or the project")
+
+
 def _make_mountpoint(target: str, is_dir: bool) -> None:
     if is_dir:
-        os.makedirs(target, exist_ok=True)
-    elif not os.path.lexists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        _safe_dirs(target)
+        return
+    _safe_dirs(os.path.dirname(target))
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise StepError("mountns.build_root", f"mount point {target[len(NEW):]!r}",
+                        detail="expected a regular file in the new root (a symlink or device is refused)")
 
 
 def _bind(m: Mount, index: int) -> None:
@@ -231,11 +285,35 @@ def _bind(m: Mount, index: int) -> None:
         syscalls.mount_setattr(target, attrs, recursive=True)
 
 
-def build_root(p: MountNsPlan) -> None:
-    """A fresh tmpfs root with the plan's mounts, parents before children."""
+def _mount_root(root: Root) -> None:
     step = "mountns.build_root"
-    with acting(step, f"mount('tmpfs', {NEW!r}, 'tmpfs', MS_NOSUID|MS_NODEV)"):
-        syscalls.mount("tmpfs", NEW, "tmpfs", MountFlag.MS_NOSUID | MountFlag.MS_NODEV, "mode=0755")
+    flags = MountFlag.MS_NOSUID | MountFlag.MS_NODEV
+    if root.image is None:
+        with acting(step, f"mount('tmpfs', {NEW!r}, 'tmpfs', MS_NOSUID|MS_NODEV)"):
+            syscalls.mount("tmpfs", NEW, "tmpfs", flags, "mode=0755")
+        return
+    if root.upper_size:
+        # --disk: the writable layer is a sized tmpfs on the scratch root, gone at exit.
+        with acting(step, f"mount('tmpfs', '/upper', 'tmpfs', size={root.upper_size})"):
+            os.mkdir("/upper")
+            syscalls.mount("tmpfs", "/upper", "tmpfs", flags, f"mode=0755,size={root.upper_size}")
+            os.mkdir("/upper/data")
+            os.mkdir("/upper/work")
+        upper, work = "/upper/data", "/upper/work"
+    else:
+        assert root.upper is not None
+        upper, work = _host(root.upper + "/data"), _host(root.upper + "/work")
+    # userxattr: in a user namespace overlayfs keeps its whiteouts in user.* xattrs
+    # (trusted.* needs CAP_SYS_ADMIN in the initial namespace).
+    options = f"lowerdir={_host(root.image)},upperdir={upper},workdir={work},userxattr"
+    with acting(step, f"mount('overlay', {NEW!r}, 'overlay', MS_NOSUID|MS_NODEV, {options!r})"):
+        syscalls.mount("overlay", NEW, "overlay", flags, options)
+
+
+def build_root(p: MountNsPlan) -> None:
+    """The new root (tmpfs or overlay) with the plan's mounts, parents before children."""
+    step = "mountns.build_root"
+    _mount_root(p.root)
     for i, m in enumerate(p.ordered()):
         target = _new(m.target)
         if m.kind == "bind":
@@ -245,15 +323,17 @@ def build_root(p: MountNsPlan) -> None:
             if m.kind == "devpts":  # its ptmx and pts/N are devices: nodev would make them unusable
                 flags = MountFlag.MS_NOSUID | MountFlag.MS_NOEXEC
             with acting(step, f"mount({m.kind!r}, {m.target!r}, {m.kind!r}, {flags!s}, {m.options!r})"):
-                os.makedirs(target, exist_ok=True)
+                _safe_dirs(target)
                 syscalls.mount(m.kind, target, m.kind, flags, m.options)
         elif m.kind == "symlink":
             with acting(step, f"symlink({m.source!r}, {m.target!r})"):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
+                _safe_dirs(os.path.dirname(target))
+                if os.path.islink(target) and os.readlink(target) == m.source:
+                    continue  # an image (or an earlier run's upper layer) has it already
                 os.symlink(m.source, target)
         elif m.kind == "dir":
             with acting(step, f"mkdir({m.target!r})"):
-                os.makedirs(target, exist_ok=True)
+                _safe_dirs(target)
         elif m.kind == "file":
             # The content lives on the scratch tmpfs; bound read-only onto its target.
             staged = f"/file{i}"
@@ -267,8 +347,9 @@ def build_root(p: MountNsPlan) -> None:
 
 def seal(p: MountNsPlan) -> None:
     """Make the root tmpfs and /dev read-only: the agent owns their inodes, so only the
-    mount flag stops it from creating files at /, /run or /dev."""
-    for inside in ("/dev", ""):
+    mount flag stops it from creating files at /, /run or /dev. (An image's overlay root
+    stays writable: its writes land in the sandbox's own upper layer.)"""
+    for inside in ("/dev",) if p.root.image else ("/dev", ""):
         with acting("mountns.seal", f"mount_setattr({inside or '/'!r}, MOUNT_ATTR_RDONLY)"):
             syscalls.mount_setattr(_new(inside) or NEW, _RO, recursive=False)
 

@@ -1,0 +1,99 @@
+"""`nsbox run --image`: a shell from the busybox image with every launcher layer active."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import NSBOX, REPO, sh
+
+
+@pytest.fixture(scope="module")
+def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("busybox") / "layout"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "make-busybox-image"), "--offline", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode == 75:
+        pytest.skip(f"busybox-static .deb not cached (scripts/setup fetches it as root): {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.fixture
+def imported(env: dict[str, str], busybox_layout: Path) -> str:
+    r = subprocess.run([*NSBOX, "image", "import", str(busybox_layout)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames + dirnames):
+            p = Path(dirpath) / name
+            st = p.lstat()
+            h.update(f"{p.relative_to(root)} {st.st_mode} {st.st_size} {int(st.st_mtime)}\n".encode())
+    return h.hexdigest()
+
+
+def test_a_shell_from_the_image_with_every_layer(nsbox, imported, project):
+    assert imported == "busybox:latest"
+    fields = "^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):"
+    r = nsbox("--image", "busybox", cmd=sh(f"cat /etc/nsbox-image; id -u; wc -l < /proc/self/uid_map; "
+                                           f"ls /proc | grep -c '^[0-9]'; hostname; ls {project}; "
+                                           f"grep -E '{fields}' /proc/self/status | tr -d '\\t'; "
+                                           "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[0:3] == ["busybox", "test", "image"]
+    assert lines[3] == "1000" and lines[4] == "1" and int(lines[5]) <= 4 and lines[6] == "nsbox"
+    assert "README" in lines
+    status = dict(line.split(":") for line in lines if ":" in line)
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert all(status[k] == "0000000000000000" for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"))
+    assert lines[-1] == "lo"
+
+
+def test_whiteouts_of_the_image_apply(nsbox, imported):
+    r = nsbox("--image", "busybox", cmd=sh("ls /etc/motd 2>&1; ls /var/cache"))
+    assert "No such file" in r.stdout and r.stdout.split()[-1] == "fresh"
+
+
+def test_writes_persist_per_name_fresh_discards_and_the_image_is_never_modified(nsbox, imported, env):
+    store_rootfs = Path(env["XDG_DATA_HOME"]) / "nsbox"
+    assert nsbox("--image", "busybox", "--name", "keep", cmd=sh("mkdir -p /opt && echo kept > /opt/x")).returncode == 0
+    rootfs_digest = _tree_digest(store_rootfs / "rootfs")
+    assert nsbox("--image", "busybox", "--name", "keep", cmd=["cat", "/opt/x"]).stdout == "kept\n"
+    assert nsbox("--image", "busybox", "--name", "other", cmd=sh("cat /opt/x 2>&1; true")).stdout != "kept\n"
+    r = nsbox("--image", "busybox", "--name", "keep", "--fresh", cmd=sh("cat /opt/x 2>&1; true"))
+    assert "No such file" in r.stdout
+    assert _tree_digest(store_rootfs / "rootfs") == rootfs_digest  # the unpacked image is untouched
+
+
+def test_disk_makes_the_upper_a_sized_tmpfs(nsbox, imported):
+    r = nsbox("--image", "busybox", "--disk", "8M", cmd=sh("dd if=/dev/zero of=/big bs=1M count=32 2>&1; true"))
+    assert "No space left on device" in r.stdout, r.stdout
+
+
+def test_an_image_rm_is_refused_while_a_sandbox_uses_it(imported, env, project):
+    p = subprocess.Popen([*NSBOX, "run", "--image", "busybox", str(project), "--", "sh", "-c",
+                          f"touch {project}/ready; sleep 30"], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (project / "ready").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = subprocess.run([*NSBOX, "image", "rm", "busybox"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 125, r.stdout + r.stderr
+        assert r.stderr.startswith("nsbox: image.")
+    finally:
+        p.kill()
+        p.wait()

@@ -176,6 +176,39 @@ def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: boo
             click.echo(f"  {line}")
 
 
+@main.command()
+@_run_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool, **opts: Any) -> None:
+    """Build a sandbox with these options and check every layer from inside it.
+
+    Exit 0 only when every check holds.
+    """
+    try:
+        spec = _spec(opts, trace=False)
+    except StepError as e:
+        _fail(e)
+    result = Sandbox(spec).verify()
+    if result.error and not result.checks:
+        click.echo(result.error, err=True)
+        sys.exit(result.status)
+    rows = list(result.checks)
+    failed = [r for r in rows if not r["ok"]]
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "checks": rows}, indent=2))
+    else:
+        layer = None
+        for r in rows:
+            if r["layer"] != layer:
+                layer = r["layer"]
+                click.echo(f"{layer}:")
+            mark = "ok  " if r["ok"] else "FAIL"
+            click.echo(f"  {mark} {r['check']:28} expected {r['expected']!s:24} actual {r['actual']}")
+        verdict = "every check holds" if not failed else f"{len(failed)} of {len(rows)} checks FAILED"
+        click.echo(f"nsbox verify: {len(rows)} checks, {verdict}")
+    sys.exit(0 if not failed and rows else 1)
+
+
 # ---- nsbox image ------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsbox import config, net, process, syscalls, terminal
+from nsbox import config, net, probe, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
 from nsbox.image import store as image_store
 from nsbox.layers import caps, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
@@ -75,6 +75,7 @@ SEQUENCE: tuple[Step, ...] = (
     Step(AGENT,    "nnp.enable",               "execve can never grant privileges again; unprivileged filters need it"),
     Step(AGENT,    "landlock.restrict",        "after nnp (required without CAP_SYS_ADMIN); inside paths, after pivot"),
     Step(AGENT,    "seccomp.install",          "LAST before execve: every syscall after this one is filtered"),
+    Step(AGENT,    "probe.run",                "nsbox verify only: the self-checks run here, every layer applied"),
     Step(AGENT,    "execve.execve",            "the error pipe closes on success (O_CLOEXEC)"),
     Step(INIT,     "pidns.reap",               "until the agent exits; forwards signals; its status is the result"),
     Step(LAUNCHER, "netns.serve_proxy",        "after the launcher's last fork: the proxy's threads start here"),
@@ -195,6 +196,7 @@ class Outcome:
     error: StepError | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     timed_out: bool = False
+    probe: list[dict[str, Any]] | None = None  # nsbox verify: the checks from inside
 
     @property
     def exit_code(self) -> int:
@@ -359,6 +361,10 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
     with step("seccomp.install"):
         if plans.seccomp is not None:
             seccomp.install(plans.seccomp)
+    with step("probe.run"):
+        if plans.spec.probe:
+            chan.send("probe", (), rows=probe.run(plans))
+            return 0
     with step("execve.execve"):
         execve.execve(plans.execve)
     raise AssertionError("execve returned")
@@ -417,6 +423,8 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
                             outcome.status = AgentStatus.from_wait_status(int(msg["status"]))
                         elif msg["kind"] == "event":
                             outcome.events.append(msg)
+                        elif msg["kind"] == "probe":
+                            outcome.probe = list(msg["rows"])
                     elif relay is not None:
                         relay.on_readable(fd)
                 for fd in writable:

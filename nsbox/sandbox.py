@@ -26,6 +26,7 @@ class Result:
     error: str | None = None  # the rendered nsbox error (first line `nsbox: <step>: ...`)
     flags: frozenset[str] = frozenset()  # e.g. {"launch-failed", "signaled"}
     events: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    checks: tuple[dict[str, Any], ...] = ()  # nsbox verify: (layer, check, expected, actual, ok)
 
     @property
     def ok(self) -> bool:
@@ -61,4 +62,11 @@ class Sandbox:
             flags.add("timeout")
             error = (f"nsbox: timeout: the command ran past --timeout {self.spec.timeout:g}s; it got SIGTERM, "
                      f"and the sandbox SIGKILL {self.spec.timeout_grace:g}s later if still running")
-        return Result(outcome.exit_code, sig, error, frozenset(flags), tuple(outcome.events))
+        return Result(outcome.exit_code, sig, error, frozenset(flags), tuple(outcome.events),
+                      tuple(outcome.probe or ()))
+
+    def verify(self) -> Result:
+        """Build this sandbox and run the self-checks inside it, after every layer."""
+        import dataclasses
+
+        return Sandbox(dataclasses.replace(self.spec, probe=True)).run(["true"])

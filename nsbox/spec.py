@@ -54,6 +54,7 @@ class SandboxSpec:
     timeout_grace: float = 3.0
     disk: int | None = None  # bytes: size= of every tmpfs the agent can write (/tmp, /dev/shm)
     image: str | None = None  # an image in the local store: its tree is the root (overlay)
+    probe: bool = False  # nsbox verify: run the self-checks in the agent instead of the command
     trace: bool = False  # report every step as an event (--verbose, --log)
     seccomp_profile: str | None = None  # "default", "permissive", or a TOML/JSON file
     without: tuple[str, ...] = ()  # study mode: layers removed, loudly

@@ -508,16 +508,17 @@ def _create_v1(p: CgroupPlan) -> Cgroup:
             leaves.append(leaf_dir)
             cg = Cgroup(CGROUP1, tuple(leaves), p)
             ctl = _v1_controller(_v1_node(leaf_dir, controller))
+            # cgroupspy keeps paths as bytes, so file names go in as bytes too.
             with acting(step, f"write the {lim.name} limit beneath {leaf_dir}"):
                 if lim.name == "memory":
-                    ctl.set_property("memory.limit_in_bytes", int(lim.value))
-                    if os.path.exists(ctl.filepath("memory.memsw.limit_in_bytes")):  # swap accounting on
-                        ctl.set_property("memory.memsw.limit_in_bytes", int(lim.value))
+                    ctl.set_property(b"memory.limit_in_bytes", int(lim.value))
+                    if os.path.exists(ctl.filepath(b"memory.memsw.limit_in_bytes")):  # swap accounting on
+                        ctl.set_property(b"memory.memsw.limit_in_bytes", int(lim.value))
                 elif lim.name == "cpus":
-                    ctl.set_property("cpu.cfs_period_us", CPU_PERIOD_USEC)
-                    ctl.set_property("cpu.cfs_quota_us", _cpu_quota(lim.value))
+                    ctl.set_property(b"cpu.cfs_period_us", CPU_PERIOD_USEC)
+                    ctl.set_property(b"cpu.cfs_quota_us", _cpu_quota(lim.value))
                 else:
-                    ctl.set_property("pids.max", int(lim.value))
+                    ctl.set_property(b"pids.max", int(lim.value))
     except StepError:
         remove(cg)
         raise

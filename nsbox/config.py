@@ -9,11 +9,15 @@ the project: the agent can write the project, and must not loosen its own cage.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -65,6 +69,34 @@ def _make_writable_and_retry(func: object, path: str, _exc: object) -> None:
         shutil.rmtree(path, onerror=_make_writable_and_retry)
     else:
         os.unlink(path)
+
+
+@contextlib.contextmanager
+def claim(name: str) -> Iterator[None]:
+    """Hold the sandbox NAME for one run: a second run with the same name is refused.
+
+    An exclusive flock on sandboxes/NAME/lock, released by the kernel however the
+    launcher ends (even kill -9), so it never goes stale. Two runs sharing one home or
+    one upper layer would corrupt both.
+    """
+    from nsbox.errors import StepError
+
+    directory = sandbox_dir(name)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise StepError("config.claim", f"flock({str(directory / 'lock')!r})", errno.EWOULDBLOCK,
+                            detail=f"sandbox {name!r} is in use by another nsbox (pid {holder})",
+                            fix="wait for it to end, or give this run another --name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def prepare_upper(name: str, fresh: bool) -> Path:

@@ -47,7 +47,7 @@ class Step:
 SEQUENCE: tuple[Step, ...] = (
     #    who       step                        why it is here
     Step(LAUNCHER, "spec.validate",            "a bad request fails before anything changes"),
-    Step(LAUNCHER, "config.prepare_home",      "the agent's persistent $HOME exists before it is bound"),
+    Step(LAUNCHER, "config.prepare_home",      "claim the sandbox name (flock); its persistent $HOME exists"),
     Step(LAUNCHER, "image.materialize",        "unpack (once, cached) and hold the image in use: never after fork"),
     Step(LAUNCHER, "seccomp.compile",          "libseccomp runs here, once; the agent only loads finished BPF"),
     Step(LAUNCHER, "process.fork_holder",      "forked single-threaded; PDEATHSIG ties it to the launcher"),
@@ -220,9 +220,10 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
     with step("spec.validate"):
         spec = spec.resolved()
     assert spec.name is not None
-    with step("config.prepare_home"):
-        home = config.prepare_home(spec.name, spec.fresh)
     with contextlib.ExitStack() as held:
+        with step("config.prepare_home"):
+            held.enter_context(config.claim(spec.name))  # one run per sandbox name at a time
+            home = config.prepare_home(spec.name, spec.fresh)
         with step("image.materialize"):
             image = None
             if spec.image:

@@ -36,3 +36,27 @@ def test_home_is_private_persistent_and_wiped_by_fresh(nsbox):
     assert nsbox("--name", "box1", cmd=sh('cat "$HOME/note"')).stdout == "kept\n"
     assert nsbox("--name", "box2", cmd=sh('cat "$HOME/note" 2>&1; true')).stdout != "kept\n"
     assert nsbox("--name", "box1", "--fresh", cmd=sh('ls -A "$HOME" | wc -l')).stdout.strip() == "0"
+
+
+def test_two_runs_with_the_same_name_at_once(nsbox, env, project):
+    import subprocess
+    import time
+
+    from conftest import NSBOX
+
+    first = subprocess.Popen([*NSBOX, "run", "--name", "same", str(project), "--", "sh", "-c",
+                              f"touch {project}/ready; sleep 5"], env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (project / "ready").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = nsbox("--name", "same", cmd=["true"])
+        assert r.returncode == 125
+        assert r.stderr.startswith("nsbox: config.claim: ") and "in use by another nsbox" in r.stderr, r.stderr
+        assert nsbox("--name", "different", cmd=["true"]).returncode == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert nsbox("--name", "same", cmd=["true"]).returncode == 0  # the kernel released the lock

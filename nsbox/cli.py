@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -72,6 +73,12 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
                      help="Study mode: run with LAYER removed (caps, landlock, seccomp). Loudly unsafe."),
         click.option("--image", metavar="REF", help="Use an image of the local store as / (an overlay: "
                      "writes persist per --name, --fresh discards them). Default: the host's system dirs."),
+        click.option("--memory", metavar="SIZE", help="Memory limit (cgroup memory.max, no swap), e.g. 2G."),
+        click.option("--cpus", "--cpu", "cpus", metavar="N", help="CPU limit, fractional (cgroup cpu.max), e.g. 1.5."),
+        click.option("--pids", metavar="N", help="Process and thread limit (cgroup pids.max)."),
+        click.option("--limits", "limits_mode", type=click.Choice(["strict", "best-effort"]), default="strict",
+                     show_default=True, help="strict: refuse a limit no cgroup can enforce; best-effort: accept "
+                     "weaker rlimits (said in the plan and the report)."),
         click.option("--timeout", metavar="DURATION", help="End the sandbox after this long (30m, 90s); exit 124."),
         click.option("--disk", metavar="SIZE", help="Cap /tmp and /dev/shm (tmpfs size=), e.g. 512M."),
         click.option("--log", "log", type=click.Path(path_type=Path), help="Write JSON-lines events here."),
@@ -106,7 +113,11 @@ def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
                        allow_domains=opts["allow_domains"], resolve=opts["resolve"],
                        api_upstream=opts["api_upstream"], ro_binds=opts["ro_binds"], trace=trace,
                        seccomp_profile=opts["seccomp_profile"], without=opts["without"], timeout=timeout, disk=disk,
-                       image=opts["image"])
+                       image=opts["image"],
+                       memory=limits.parse_size(opts["memory"]) if opts["memory"] else None,
+                       cpus=limits.parse_cpus(opts["cpus"]) if opts["cpus"] else None,
+                       pids=limits.parse_pids(opts["pids"]) if opts["pids"] else None,
+                       limits=opts["limits_mode"])
 
 
 def _fail(e: StepError) -> NoReturn:
@@ -124,7 +135,9 @@ def _command(command: tuple[str, ...]) -> list[str] | None:
 
 @main.command(context_settings={"allow_interspersed_args": False})
 @_run_options
-def run(command: tuple[str, ...], log: Path | None, verbose: bool, **opts: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the result (status, signal, flags, usage) as JSON, "
+              "the last line of stderr.")
+def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool, **opts: Any) -> None:
     """Run COMMAND (default: claude --dangerously-skip-permissions) on PROJECT (default: .).
 
     \b
@@ -134,20 +147,46 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, **opts: Any) 
     """
     try:
         spec = _spec(opts, trace=bool(log or verbose))
+        _reexec_in_a_delegated_scope_if_needed(spec)
     except StepError as e:
         _fail(e)
     result = Sandbox(spec).run(_command(command))
     if verbose:
         for event in result.events:
-            click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
+            if event.get("event", "step.ok") == "step.ok":
+                click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
+    summary = {"event": "sandbox.exit", "status": result.status, "signal": result.signal,
+               "flags": sorted(result.flags), "usage": result.usage, "error": result.error}
     if log:
         with open(log, "a") as f:
             for event in result.events:
                 f.write(json.dumps({k: v for k, v in event.items() if k != "kind"}) + "\n")
-            f.write(json.dumps({"event": "sandbox.exit", "status": result.status, "signal": result.signal}) + "\n")
+            f.write(json.dumps(summary) + "\n")
     if result.error:
         click.echo(result.error, err=True)
+    if result.usage and result.usage.get("sentence"):
+        click.echo(f"nsbox: {result.usage['sentence']}", err=True)
+    if as_json:  # last line of stderr: the command's own stdout stays untouched
+        click.echo(json.dumps(summary), err=True)
     sys.exit(result.status)
+
+
+def _reexec_in_a_delegated_scope_if_needed(spec: SandboxSpec) -> None:
+    """Limits only a systemd user scope can enforce: re-execute nsbox inside one."""
+    from nsbox.layers import cgroups
+
+    if spec.memory is None and spec.cpus is None and spec.pids is None:
+        return
+    plan = cgroups.plan(spec.memory, spec.cpus, spec.pids, best_effort=True)
+    if spec.limits == "best-effort":
+        for limit in plan.limits:
+            if limit.mechanism in (cgroups.RLIMITS, cgroups.NONE):
+                click.echo(f"nsbox: warning: {plan.describe()[plan.limits.index(limit)]}", err=True)
+    argv = cgroups.scope_reexec_argv([sys.executable, "-m", "nsbox", *sys.argv[1:]])
+    if plan.backend == cgroups.SCOPE and argv is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp(argv[0], argv)
 
 
 @main.command()
@@ -156,15 +195,19 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, **opts: Any) 
 def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool, **opts: Any) -> None:
     """Print what `nsbox run` would do, layer by layer. Changes nothing."""
     from nsbox.launch import SEQUENCE
+    from nsbox.spec import REMOVABLE_LAYERS
 
     try:
-        layers = Sandbox(_spec(opts, trace=False)).plan(_command(command))
+        spec = _spec(opts, trace=False)
+        layers = Sandbox(spec).plan(_command(command))
     except StepError as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps({
-            "sequence": [{"who": s.who, "step": s.id, "why": s.why} for s in SEQUENCE],
+            "sequence": [{"n": i, "who": s.who, "step": s.id, "why": s.why} for i, s in enumerate(SEQUENCE, 1)],
             "layers": {name: lines for name, lines in layers},
+            "removable": list(REMOVABLE_LAYERS),
+            "without": list(spec.without),
         }, indent=2))
         return
     click.echo("Launch sequence:")
@@ -174,6 +217,50 @@ def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: boo
         click.echo(f"\n{layer}:")
         for line in lines:
             click.echo(f"  {line}")
+    click.echo(f"\nRemovable for study (--without LAYER): {', '.join(REMOVABLE_LAYERS)}")
+
+
+# The order `nsbox verify` prints its layers in: the order the sandbox is built.
+VERIFY_LAYERS = ("userns", "pidns", "mountns", "netns", "utsns", "caps", "nnp", "seccomp", "landlock", "execve")
+
+
+def _by_layer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    order = {name: i for i, name in enumerate(VERIFY_LAYERS)}
+    return sorted(rows, key=lambda r: order.get(str(r["layer"]), len(order)))  # stable: the probe's order
+
+
+def _verify_once(spec: SandboxSpec) -> list[dict[str, Any]]:
+    result = Sandbox(spec).verify()
+    if result.error and not result.checks:
+        click.echo(result.error, err=True)
+        sys.exit(result.status)
+    return _by_layer(list(result.checks))
+
+
+def _changes(full: list[dict[str, Any]], study: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose answer differs between the full sandbox and the study run, by (layer, check)."""
+    before = {(r["layer"], r["check"]): r for r in full}
+    changed = []
+    for r in study:
+        f = before.get((r["layer"], r["check"]))
+        if f is None or (f["actual"], f["ok"]) != (r["actual"], r["ok"]):
+            changed.append({"layer": r["layer"], "check": r["check"], "expected": r["expected"],
+                            "full": f["actual"] if f else "(not checked)", "full_ok": bool(f and f["ok"]),
+                            "without": r["actual"], "without_ok": r["ok"]})
+    return changed
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    w_check = max(len("check"), *(len(str(r["check"])) for r in rows))
+    layer, w_exp = None, 0
+    for r in rows:
+        if r["layer"] != layer:
+            layer = r["layer"]
+            w_exp = min(40, max(len("expected"), *(len(str(x["expected"])) for x in rows if x["layer"] == layer)))
+            removed = "   (REMOVED with --without)" if r.get("removed") else ""
+            click.echo(f"\n{layer}{removed}\n  {'check':{w_check}}  {'expected':{w_exp}}  {'actual':{w_exp}}  ok")
+        click.echo(f"  {r['check']!s:{w_check}}  {r['expected']!s:{w_exp}}  {r['actual']!s:{w_exp}}  "
+                   f"{'ok' if r['ok'] else 'FAIL'}")
 
 
 @main.command()
@@ -182,31 +269,71 @@ def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: boo
 def verify(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool, **opts: Any) -> None:
     """Build a sandbox with these options and check every layer from inside it.
 
-    Exit 0 only when every check holds.
+    Each layer's checks and the battery's escape attempts run in the agent process,
+    after every layer is applied, in place of the command. Exit 0 only when every
+    check holds. With --without LAYER (study mode) the full sandbox is verified too,
+    and the checks whose answer changed are listed: the lesson of that layer.
     """
     try:
         spec = _spec(opts, trace=False)
     except StepError as e:
         _fail(e)
-    result = Sandbox(spec).verify()
-    if result.error and not result.checks:
-        click.echo(result.error, err=True)
-        sys.exit(result.status)
-    rows = list(result.checks)
+    rows = _verify_once(spec)
+    changed = None
+    if spec.without:
+        import dataclasses
+
+        changed = _changes(_verify_once(dataclasses.replace(spec, without=())), rows)
     failed = [r for r in rows if not r["ok"]]
+    ok = bool(rows) and not failed
     if as_json:
-        click.echo(json.dumps({"ok": not failed, "checks": rows}, indent=2))
+        out: dict[str, Any] = {"ok": ok, "checks": rows}
+        if changed is not None:
+            out["study"] = {"without": list(spec.without), "changed": changed}
+        click.echo(json.dumps(out, indent=2))
+        sys.exit(0 if ok else 1)
+    _table(rows)
+    if changed is not None:
+        click.echo(f"\nChanged by --without {' --without '.join(spec.without)} "
+                   "(the full sandbox, then this run): what the layer was doing")
+        for c in changed:
+            click.echo(f"  {c['layer']:8} {c['check']:32} {c['full']} -> {c['without']}"
+                       f"{'' if c['without_ok'] else '   FAIL'}")
+        if not changed:
+            click.echo("  nothing: every check answers the same")
+    layers = sorted({str(r["layer"]) for r in failed}, key=lambda x: VERIFY_LAYERS.index(x)
+                    if x in VERIFY_LAYERS else len(VERIFY_LAYERS))
+    verdict = ("every check holds" if ok else
+               f"{len(failed)} of {len(rows)} checks FAILED ({', '.join(layers)})")
+    removed = f"; removed: {', '.join(spec.without)}" if spec.without else ""
+    click.echo(f"\nnsbox verify: {len(rows)} checks, {verdict}{removed}")
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """What this host allows nsbox to do, one line each, with the exact fix for each gap.
+
+    Probes in throwaway child processes only: nothing on the system changes. Exit 0
+    when everything nsbox needs to run is there (optional features may be missing).
+    """
+    from nsbox import host
+
+    facts = host.probe()
+    report = host.as_json(facts)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
     else:
-        layer = None
-        for r in rows:
-            if r["layer"] != layer:
-                layer = r["layer"]
-                click.echo(f"{layer}:")
-            mark = "ok  " if r["ok"] else "FAIL"
-            click.echo(f"  {mark} {r['check']:28} expected {r['expected']!s:24} actual {r['actual']}")
-        verdict = "every check holds" if not failed else f"{len(failed)} of {len(rows)} checks FAILED"
-        click.echo(f"nsbox verify: {len(rows)} checks, {verdict}")
-    sys.exit(0 if not failed and rows else 1)
+        width = max(len(f["name"]) for f in report["facts"])
+        for f in report["facts"]:
+            mark = "ok  " if f["ok"] else ("MISSING" if f["required"] else "no  ")
+            click.echo(f"{mark:7} {f['name']:{width}}  {f['summary']}")
+            if f["fix"]:
+                for i, line in enumerate(str(f["fix"]).split("\n")):
+                    click.echo(f"{'':7} {'':{width}}  {'fix: ' if i == 0 else '     '}{line}")
+        click.echo(f"nsbox doctor: {'nsbox can run here' if report['ok'] else 'nsbox CANNOT run here'}")
+    sys.exit(0 if report["ok"] else 1)
 
 
 # ---- nsbox image ------------------------------------------------------------------------
@@ -281,3 +408,29 @@ def image_unpack(ref: str, dest: Path) -> None:
     click.echo(f"{report.entries} entries, {report.bytes} bytes -> {dest}")
     for warning in report.warnings:
         click.echo(f"nsbox: warning: {warning}", err=True)
+
+
+# ---- nsbox gc ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+def gc(dry_run: bool) -> None:
+    """Remove what a killed nsbox left behind (partial unpacks, imports, --fresh wipes).
+
+    Never touches anything in use: it takes the same locks as the runs and the image
+    store, without waiting, and skips (and names) what is locked.
+    """
+    from nsbox import gc as gc_module
+
+    try:
+        report = gc_module.collect(dry_run)
+    except StepError as e:
+        _fail(e)
+    verb = "would remove" if dry_run else "removed"
+    for path, what in report.removed:
+        click.echo(f"{verb} {path} ({what})")
+    for path, why in report.skipped:
+        click.echo(f"skipped {path}: {why}")
+    if not report.removed:
+        click.echo("nothing to remove")

@@ -29,7 +29,7 @@ from typing import Any
 from nsbox import config, net, probe, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
 from nsbox.image import store as image_store
-from nsbox.layers import caps, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
+from nsbox.layers import caps, cgroups, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
 from nsbox.process import AgentStatus, Channel, ErrorPipe
 from nsbox.spec import SandboxSpec
 from nsbox.syscalls import CloneFlag
@@ -50,9 +50,11 @@ SEQUENCE: tuple[Step, ...] = (
     Step(LAUNCHER, "config.prepare_home",      "claim the sandbox name (flock); its persistent $HOME exists"),
     Step(LAUNCHER, "image.materialize",        "unpack (once, cached) and hold the image in use: never after fork"),
     Step(LAUNCHER, "seccomp.compile",          "libseccomp runs here, once; the agent only loads finished BPF"),
+    Step(LAUNCHER, "cgroups.create",           "the limits exist before any sandboxed process does"),
     Step(LAUNCHER, "process.fork_holder",      "forked single-threaded; PDEATHSIG ties it to the launcher"),
     Step(HOLDER,   "userns.unshare",           "first: it owns every namespace made after it"),
     Step(LAUNCHER, "userns.write_maps",        "sync 1: setgroups deny, gid_map, uid_map, while the holder waits"),
+    Step(LAUNCHER, "cgroups.enter",            "holder joins the leaf before unshare(CLONE_NEWCGROUP): its root"),
     Step(HOLDER,   "userns.disable_nesting",   "max_user_namespaces=0 here: no nested userns, even without seccomp"),
     Step(HOLDER,   "process.unshare_rest",     "sync 2: mount, net, ipc, uts, cgroup, pid; all owned by our userns"),
     Step(HOLDER,   "process.fork_init",        "unshare(CLONE_NEWPID) applies to children only: init is PID 1"),
@@ -71,6 +73,7 @@ SEQUENCE: tuple[Step, ...] = (
     Step(INIT,     "process.fork_agent",       "init stays behind as PID 1"),
     Step(INIT,     "pidns.drop_privileges",    "init needs no capability to reap and forward: caps dropped, nnp set"),
     Step(AGENT,    "execve.prepare",           "setsid, pty as ctty, signals default, cwd, fds >= 3 close-on-exec"),
+    Step(AGENT,    "cgroups.apply_rlimits",    "only where no cgroup enforces a limit (--limits best-effort)"),
     Step(AGENT,    "caps.drop",                "after every privileged step; securebits locked while CAP_SETPCAP held"),
     Step(AGENT,    "nnp.enable",               "execve can never grant privileges again; unprivileged filters need it"),
     Step(AGENT,    "landlock.restrict",        "after nnp (required without CAP_SYS_ADMIN); inside paths, after pivot"),
@@ -80,6 +83,7 @@ SEQUENCE: tuple[Step, ...] = (
     Step(INIT,     "pidns.reap",               "until the agent exits; forwards signals; its status is the result"),
     Step(LAUNCHER, "netns.serve_proxy",        "after the launcher's last fork: the proxy's threads start here"),
     Step(LAUNCHER, "process.supervise",        "relay the terminal, forward signals, wait for the holder"),
+    Step(LAUNCHER, "cgroups.report",           "peak memory, CPU, OOM kills and pids events; then the leaf goes"),
 )
 
 
@@ -120,6 +124,7 @@ class Plans:
     pidns: pidns.PidNsPlan
     netns: netns.NetNsPlan
     utsns: utsns.UtsNsPlan
+    cgroups: cgroups.CgroupPlan
     caps: caps.CapsPlan | None  # None: removed with --without (study mode)
     nnp: nnp.NoNewPrivsPlan
     landlock: landlock.LandlockPlan | None
@@ -131,7 +136,7 @@ class Plans:
         return [
             ("userns", self.userns.describe()), ("mountns", self.mountns.describe()),
             ("pidns", self.pidns.describe()), ("netns", self.netns.describe()),
-            ("utsns", self.utsns.describe()),
+            ("utsns", self.utsns.describe()), ("cgroups", self.cgroups.describe()),
             ("caps", self.caps.describe() if self.caps else off), ("nnp", self.nnp.describe()),
             ("landlock", self.landlock.describe() if self.landlock else off),
             ("seccomp", self.seccomp.describe() if self.seccomp else off),
@@ -178,6 +183,7 @@ def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, ho
     writable = [str(spec.project), u.home, "/tmp", "/dev/shm"] + (["/"] if image else [])
     return Plans(
         spec, u, m, pidns.plan(), n, utsns.plan(spec.hostname),
+        cgroups=cgroups.plan(spec.memory, spec.cpus, spec.pids, best_effort=spec.limits == "best-effort"),
         caps=None if "caps" in spec.without else caps.plan(),
         nnp=nnp.plan(),
         landlock=None if "landlock" in spec.without else landlock.plan(writable, readable=["/"]),
@@ -196,6 +202,7 @@ class Outcome:
     error: StepError | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     timed_out: bool = False
+    usage: dict[str, Any] | None = None  # what the cgroup counted (peak memory, CPU, OOM kills...)
     probe: list[dict[str, Any]] | None = None  # nsbox verify: the checks from inside
 
     @property
@@ -233,10 +240,14 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
                                   str(config.prepare_upper(spec.name, spec.fresh)))
         with step("seccomp.compile"):
             plans = make_plans(spec, command, stdin_is_tty, str(home), image)
-        return _launch(plans, step, events)
+        with step("cgroups.create"):
+            cg = cgroups.create(plans.cgroups)
+            if cg is not None:
+                held.callback(cgroups.remove, cg)  # last: after the report, however the run ends
+        return _launch(plans, step, events, cg)
 
 
-def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]]) -> Outcome:
+def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]], cg: cgroups.Cgroup | None) -> Outcome:
     spec = plans.spec
 
     mine, theirs = Channel.pair()
@@ -254,6 +265,9 @@ def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]]) -> Outcome:
         if msg["kind"] == "userns-ready":
             with step("userns.write_maps"):
                 userns.write_maps(plans.userns, holder_pid)
+            with step("cgroups.enter"):
+                if cg is not None:
+                    cgroups.enter(cg, holder_pid)
             mine.send("maps-written")
             # sync 2: the holder forked init; sync 3: init built the root.
             init_msg, _ = mine.expect("init-forked")
@@ -266,11 +280,14 @@ def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]]) -> Outcome:
                             {**e, "t": time.time()}))
                 with step("process.supervise"):
                     holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), pty_fd, outcome,
-                                               spec.timeout, spec.timeout_grace)
+                                               spec.timeout, spec.timeout_grace, cg)
     finally:
         if proxy is not None:
             proxy.stop()
         status = holder_status if holder_status is not None else os.waitpid(holder_pid, 0)[1]
+        with step("cgroups.report"):
+            if cg is not None:
+                outcome.usage = cgroups.usage(cg)
         outcome.events = sorted(events + mine.events + outcome.events, key=lambda e: float(e.get("t", 0)))
         mine.close()
         for err in errors.read_all():
@@ -351,6 +368,8 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
     step = Steps(AGENT, chan, plans.spec.trace, [])
     with step("execve.prepare"):
         execve.prepare(plans.execve, tty_fd)
+    with step("cgroups.apply_rlimits"):
+        cgroups.apply_rlimits(plans.cgroups)
     with step("caps.drop"):
         if plans.caps is not None:
             caps.drop(plans.caps)
@@ -372,7 +391,7 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
 
 
 def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None, outcome: Outcome,
-               timeout: float | None, grace: float) -> int:
+               timeout: float | None, grace: float, cg: cgroups.Cgroup | None) -> int:
     """Role LAUNCHER, after sync 3: relay the terminal, forward signals, collect the status.
 
     One select loop in the main thread (the proxy, if any, has its own threads). With a
@@ -400,7 +419,7 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
                     readers += relay.read_fds()
                     writers += relay.write_fds()
                 if deadline is not None and time.monotonic() >= deadline:
-                    deadline = _on_timeout(outcome, init_pid, grace)
+                    deadline = _on_timeout(outcome, init_pid, grace, cg)
                 wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
                 try:
                     readable, writable, _ = select.select(readers, writers, [], wait)
@@ -450,8 +469,9 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
         os.close(wake_w)
 
 
-def _on_timeout(outcome: Outcome, init_pid: int, grace: float) -> float | None:
-    """First expiry: SIGTERM to the agent (init forwards it); second: SIGKILL to init."""
+def _on_timeout(outcome: Outcome, init_pid: int, grace: float, cg: cgroups.Cgroup | None) -> float | None:
+    """First expiry: SIGTERM to the agent (init forwards it); second: SIGKILL to init
+    (and cgroup.kill, which also reaches anything that left the PID namespace's reach)."""
     if not outcome.timed_out:
         outcome.timed_out = True
         with contextlib.suppress(ProcessLookupError):
@@ -459,6 +479,8 @@ def _on_timeout(outcome: Outcome, init_pid: int, grace: float) -> float | None:
         return time.monotonic() + grace
     with contextlib.suppress(ProcessLookupError):
         os.kill(init_pid, signal.SIGKILL)
+    if cg is not None:
+        cgroups.kill(cg)
     return None
 
 

@@ -11,6 +11,8 @@ with os.fork. It never raises for a failed launch: the error is in `Result.error
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ class Result:
     flags: frozenset[str] = frozenset()  # e.g. {"launch-failed", "signaled"}
     events: tuple[dict[str, Any], ...] = field(default=(), repr=False)
     checks: tuple[dict[str, Any], ...] = ()  # nsbox verify: (layer, check, expected, actual, ok)
+    usage: dict[str, Any] | None = None  # cgroup counters: memory_peak, cpu_usec, oom_kills, ...
 
     @property
     def ok(self) -> bool:
@@ -38,13 +41,29 @@ class Sandbox:
         self.spec = spec
 
     def plan(self, argv: list[str] | None = None) -> list[tuple[str, list[str]]]:
-        """What `run` would do, layer by layer, without changing anything."""
+        """What `run` would do, layer by layer, without changing anything.
+
+        Nothing is created: not the sandbox's home or upper layer (their paths are only
+        named), not the image's unpacked tree, not the compiled-BPF cache (the profile is
+        compiled into a throwaway cache directory, removed before returning).
+        """
         spec = self.spec.resolved()
         assert spec.name is not None
         from nsbox import config
 
         home = config.sandbox_dir(spec.name) / "home"
-        return launch.make_plans(spec, tuple(argv) if argv else None, False, str(home)).describe()
+        image = _planned_image(spec) if spec.image else None
+        saved = os.environ.get("XDG_CACHE_HOME")
+        with tempfile.TemporaryDirectory(prefix="nsbox-plan-") as scratch:
+            os.environ["XDG_CACHE_HOME"] = scratch  # seccomp.plan writes its cache beneath this
+            try:
+                plans = launch.make_plans(spec, tuple(argv) if argv else None, False, str(home), image)
+            finally:
+                if saved is None:
+                    del os.environ["XDG_CACHE_HOME"]
+                else:
+                    os.environ["XDG_CACHE_HOME"] = saved
+        return plans.describe()
 
     def run(self, argv: list[str] | None = None, stdin_is_tty: bool | None = None) -> Result:
         """Run argv (default: the agent) in a new sandbox and wait for it."""
@@ -62,11 +81,32 @@ class Sandbox:
             flags.add("timeout")
             error = (f"nsbox: timeout: the command ran past --timeout {self.spec.timeout:g}s; it got SIGTERM, "
                      f"and the sandbox SIGKILL {self.spec.timeout_grace:g}s later if still running")
+        if outcome.usage and outcome.usage.get("oom_kills"):
+            flags.add("oom")
+        if outcome.usage and outcome.usage.get("pids_max_hits"):
+            flags.add("pids-limit")
         return Result(outcome.exit_code, sig, error, frozenset(flags), tuple(outcome.events),
-                      tuple(outcome.probe or ()))
+                      tuple(outcome.probe or ()), outcome.usage)
 
     def verify(self) -> Result:
         """Build this sandbox and run the self-checks inside it, after every layer."""
         import dataclasses
 
         return Sandbox(dataclasses.replace(self.spec, probe=True)).run(["true"])
+
+
+def _planned_image(spec: SandboxSpec) -> launch.ImageRoot:
+    """The image root `run` would use, read from the store without unpacking or locking."""
+    from nsbox import config
+    from nsbox.errors import usage_error
+    from nsbox.image import store as image_store
+
+    assert spec.image is not None and spec.name is not None
+    if not image_store.default_root().is_dir():  # Store() would create it
+        raise usage_error("image.materialize", f"no image store at {image_store.default_root()}",
+                          fix=f"nsbox image import ARCHIVE --name {spec.image}")
+    store = image_store.Store()
+    ref = store.resolve(spec.image)
+    chain = store._layers(ref.digest)[1]  # the unpacked tree's name; unpacked on the first run
+    rootfs = store.rootfs_dir / chain.split(":", 1)[1]
+    return launch.ImageRoot(str(rootfs), store.config(ref), str(config.sandbox_dir(spec.name) / "upper"))

@@ -54,6 +54,10 @@ class SandboxSpec:
     timeout_grace: float = 3.0
     disk: int | None = None  # bytes: size= of every tmpfs the agent can write (/tmp, /dev/shm)
     image: str | None = None  # an image in the local store: its tree is the root (overlay)
+    memory: int | None = None  # bytes (cgroup memory.max, swap 0)
+    cpus: float | None = None  # CPUs (cgroup cpu.max)
+    pids: int | None = None  # processes and threads (cgroup pids.max)
+    limits: str = "strict"  # strict: refuse a limit no cgroup can enforce; best-effort: accept rlimits
     probe: bool = False  # nsbox verify: run the self-checks in the agent instead of the command
     trace: bool = False  # report every step as an event (--verbose, --log)
     seccomp_profile: str | None = None  # "default", "permissive", or a TOML/JSON file
@@ -93,6 +97,8 @@ class SandboxSpec:
             raise usage_error("spec.validate", "--timeout must be positive")
         if self.disk is not None and self.disk < 1 << 20:
             raise usage_error("spec.validate", "--disk must be at least 1M")
+        if self.limits not in ("strict", "best-effort"):
+            raise usage_error("spec.validate", f"--limits {self.limits!r}", fix="--limits strict or best-effort")
         for layer in self.without:
             if layer not in REMOVABLE_LAYERS:
                 raise usage_error("spec.validate", f"--without {layer!r}: not a layer that can be removed",

@@ -41,8 +41,21 @@ def test_execve_is_the_agents_last_step():
     assert ids(AGENT)[-1] == "execve.execve"
 
 
-def test_the_launcher_supervises_last():
-    assert ids(LAUNCHER)[-1] == "process.supervise"
+def test_the_launcher_supervises_then_reports():
+    assert ids(LAUNCHER)[-2:] == ["process.supervise", "cgroups.report"]
+
+
+def test_the_cgroup_exists_before_the_holder_and_holds_it_before_its_namespaces():
+    assert before("cgroups.create", "process.fork_holder")
+    assert before("cgroups.enter", "process.unshare_rest")
+
+
+def test_privileges_drop_in_order_and_seccomp_is_last_before_exec():
+    agent = ids(AGENT)
+    assert agent.index("caps.drop") < agent.index("nnp.enable") < agent.index("seccomp.install")
+    assert agent.index("landlock.restrict") < agent.index("seccomp.install")
+    # probe.run is verify's replacement for execve: nothing but it sits between the two.
+    assert agent[-3:] == ["seccomp.install", "probe.run", "execve.execve"]
 
 
 def test_a_real_run_reports_the_steps_in_table_order(nsbox, tmp_path):
@@ -57,4 +70,4 @@ def test_a_real_run_reports_the_steps_in_table_order(nsbox, tmp_path):
     # The agent's last step (execve) never reports: a successful execve replaces the process.
     assert "execve.prepare" in seen and "execve.execve" not in seen
     assert set(ids()) - set(seen) == {"execve.execve"}
-    assert events[-1] == {"event": "sandbox.exit", "status": 0, "signal": None}
+    assert events[-1]["event"] == "sandbox.exit" and events[-1]["status"] == 0 and events[-1]["signal"] is None

@@ -2,15 +2,16 @@
 
 The launcher adds these to a StepError before printing it. Children never do: they only
 know the step and the errno. Tests provoke the real errno, so a hint cannot outlive its
-truth.
+truth. What the host allows comes from `host.py` (the same reads as `nsbox doctor`), so
+a failed run and the doctor give the same reason and the same fix.
 """
 
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from pathlib import Path
 
+from nsbox import host
 from nsbox.errors import StepError
 
 
@@ -22,13 +23,6 @@ class Hint:
     fix: str
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
 HINTS: tuple[Hint, ...] = (
     Hint("userns.unshare", errno.ENOSPC,
          "the limit of user namespaces is reached: /proc/sys/user/max_user_namespaces is {max_userns} "
@@ -36,10 +30,9 @@ HINTS: tuple[Hint, ...] = (
          "run nsbox outside the enclosing sandbox, or ask an administrator: sysctl -w user.max_user_namespaces=15000"),
     Hint("userns.unshare", errno.EPERM,
          "this kernel does not let unprivileged users create user namespaces "
-         "(kernel.unprivileged_userns_clone={userns_clone}, AppArmor restriction={apparmor_restrict}), "
-         "or nsbox runs inside a container whose seccomp profile blocks unshare",
-         "sysctl -w kernel.unprivileged_userns_clone=1 (Debian), or allow it for nsbox's interpreter in AppArmor "
-         "(Ubuntu: kernel.apparmor_restrict_unprivileged_userns), or run on the host"),
+         "(kernel.unprivileged_userns_clone={userns_clone}, AppArmor restriction={apparmor_restrict}): "
+         "{userns_why}",
+         "{userns_fix}"),
     Hint("userns.write_maps", errno.EPERM,
          "the kernel refused the id map; an unprivileged user may map only its own uid and gid",
          "run nsbox as the user who should own the sandbox's files"),
@@ -63,11 +56,16 @@ HINTS: tuple[Hint, ...] = (
 )
 
 
-def host_values() -> dict[str, str]:
+def host_values(err: int | None = None) -> dict[str, str]:
+    """The host facts a hint may name, as text: host.py's reads (cheap; no probe is forked)."""
+    sysctls = host.userns_sysctls()
+    why, fix = host.userns_why_fix(err, sysctls, host.in_outer_userns())
     return {
-        "max_userns": _read("/proc/sys/user/max_user_namespaces") or "unknown",
-        "userns_clone": _read("/proc/sys/kernel/unprivileged_userns_clone") or "absent",
-        "apparmor_restrict": _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") or "absent",
+        "max_userns": sysctls["max_user_namespaces"] or "unknown",
+        "userns_clone": sysctls["unprivileged_userns_clone"] or "absent",
+        "apparmor_restrict": sysctls["apparmor_restrict_unprivileged_userns"] or "absent",
+        "userns_why": why,
+        "userns_fix": fix,
     }
 
 
@@ -78,7 +76,7 @@ def explain(err: StepError) -> StepError:
     for hint in HINTS:
         matches_step = err.step == hint.step or (hint.step.endswith(".") and err.step.startswith(hint.step))
         if matches_step and hint.errno == err.errno:
-            values = host_values()
+            values = host_values(err.errno)
             err.why = err.why or hint.why.format(**values)
             err.fix = err.fix or hint.fix.format(**values)
             break

@@ -259,3 +259,38 @@ def libseccomp_version() -> tuple[int, int, int]:
     lib.seccomp_version.restype = ctypes.POINTER(_ScmpVersion)
     v = lib.seccomp_version().contents
     return int(v.major), int(v.minor), int(v.micro)
+
+
+# --- Raw calls for nsbox verify's probe (nsbox/probe.py) and nsbox doctor (nsbox/host.py) ---
+
+# The probe asks the kernel (or the seccomp filter in front of it) for an answer, not a
+# service: arguments are deliberately harmless (a bad fd, a bad pointer), so an allowed
+# call fails with EBADF/EFAULT/EINVAL and a filtered one with the profile's errno.
+_NR_PROBE: dict[str, dict[str, int]] = {
+    "x86_64": {"ioctl": 16, "socket": 41, "ptrace": 101, "unshare": 272, "keyctl": 250, "bpf": 321,
+               "io_uring_setup": 425, "clone3": 435},
+    "aarch64": {"ioctl": 29, "socket": 198, "ptrace": 117, "unshare": 97, "keyctl": 219, "bpf": 280,
+                "io_uring_setup": 425, "clone3": 435},
+}
+PTRACE_ATTACH = 16
+PTRACE_DETACH = 17
+
+
+def try_syscall(name: str, *args: int) -> int:
+    """Make one raw system call; return its result (>= 0) or -errno. Never raises for a refusal.
+
+    Arguments are passed as unsigned longs, all 64 bits of them: the probe needs to set
+    the high half of an ioctl request, which fcntl.ioctl would truncate.
+    """
+    try:
+        nr = _NR_PROBE[_MACHINE][name]
+    except KeyError:
+        raise OSError(38, f"{name}: no syscall number known for {_MACHINE}") from None
+    ret = int(_libc.syscall(ctypes.c_long(nr), *(ctypes.c_ulong(a & 0xFFFFFFFFFFFFFFFF) for a in args)))
+    return -ctypes.get_errno() if ret < 0 else ret
+
+
+def bad_address() -> int:
+    """An address nothing is mapped at: EFAULT wherever the kernel dereferences it."""
+    return 0xFFFFFFFFFFFF0000
+

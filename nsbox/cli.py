@@ -79,6 +79,9 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
         click.option("--limits", "limits_mode", type=click.Choice(["strict", "best-effort"]), default="strict",
                      show_default=True, help="strict: refuse a limit no cgroup can enforce; best-effort: accept "
                      "weaker rlimits (said in the plan and the report)."),
+        click.option("--pull", type=click.Choice(["missing", "always", "never"]), default="missing",
+                     show_default=True, help="With --image: pull from its registry when missing from the store "
+                     "(missing), every time (always), or never."),
         click.option("--timeout", metavar="DURATION", help="End the sandbox after this long (30m, 90s); exit 124."),
         click.option("--disk", metavar="SIZE", help="Cap /tmp and /dev/shm (tmpfs size=), e.g. 512M."),
         click.option("--log", "log", type=click.Path(path_type=Path), help="Write JSON-lines events here."),
@@ -113,7 +116,7 @@ def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
                        allow_domains=opts["allow_domains"], resolve=opts["resolve"],
                        api_upstream=opts["api_upstream"], ro_binds=opts["ro_binds"], trace=trace,
                        seccomp_profile=opts["seccomp_profile"], without=opts["without"], timeout=timeout, disk=disk,
-                       image=opts["image"],
+                       image=opts["image"], pull=opts["pull"],
                        memory=limits.parse_size(opts["memory"]) if opts["memory"] else None,
                        cpus=limits.parse_cpus(opts["cpus"]) if opts["cpus"] else None,
                        pids=limits.parse_pids(opts["pids"]) if opts["pids"] else None,
@@ -341,7 +344,7 @@ def doctor(as_json: bool) -> None:
 
 @main.group()
 def image() -> None:
-    """The local image store ($XDG_DATA_HOME/nsbox): import, list, inspect, remove, unpack."""
+    """The local image store ($XDG_DATA_HOME/nsbox): pull, import, list, inspect, remove, unpack."""
 
 
 def _store_call(fn: Any, *args: Any) -> Any:
@@ -359,6 +362,22 @@ def image_import(path: Path, name: str | None) -> None:
     from nsbox.image import store
 
     click.echo(str(_store_call(store.import_image, path, name)))
+
+
+@image.command("pull")
+@click.argument("ref")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="From a multi-platform image, this one "
+              "(default: this machine's, e.g. linux/amd64).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Verify the registry's TLS certificate with this CA bundle (PEM).")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Allow plain HTTP, or HTTPS without verification, to this registry (repeatable).")
+def image_pull(ref: str, platform: str | None, tls_ca: Path | None, insecure: tuple[str, ...]) -> None:
+    """Pull REF (debian:bookworm-slim, HOST[:PORT]/NAME[:TAG], NAME@sha256:...) from its registry."""
+    from nsbox.image import registry
+
+    pulled = _store_call(registry.pull, ref, platform, tls_ca, insecure)
+    click.echo(f"{pulled.name or ref} {pulled.digest}")
 
 
 @image.command("ls")

@@ -28,6 +28,7 @@ from typing import Any
 
 from nsbox import config, net, probe, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
+from nsbox.image import registry as image_registry
 from nsbox.image import store as image_store
 from nsbox.layers import caps, cgroups, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
 from nsbox.process import AgentStatus, Channel, ErrorPipe
@@ -68,6 +69,7 @@ SEQUENCE: tuple[Step, ...] = (
     Step(INIT,     "netns.open_proxy_socket",  "allowlist: bind 127.0.0.1:3128 inside; the launcher serves it"),
     Step(INIT,     "utsns.set_hostname",       "needs CAP_SYS_ADMIN in the uts ns"),
     Step(INIT,     "terminal.open_pty",        "sync 3: a pty of the sandbox's devpts; its master to the launcher"),
+    Step(LAUNCHER, "netns.serve_proxy",        "after the launcher's last fork: the proxy's threads start here"),
     Step(INIT,     "pidns.harden_init",        "scrub argv/environ, not dumpable: before the agent exists"),
     Step(INIT,     "pidns.block_signals",      "hold SIGCHLD and forwarded signals for sigwaitinfo; none is lost"),
     Step(INIT,     "process.fork_agent",       "init stays behind as PID 1"),
@@ -81,7 +83,6 @@ SEQUENCE: tuple[Step, ...] = (
     Step(AGENT,    "probe.run",                "nsbox verify only: the self-checks run here, every layer applied"),
     Step(AGENT,    "execve.execve",            "the error pipe closes on success (O_CLOEXEC)"),
     Step(INIT,     "pidns.reap",               "until the agent exits; forwards signals; its status is the result"),
-    Step(LAUNCHER, "netns.serve_proxy",        "after the launcher's last fork: the proxy's threads start here"),
     Step(LAUNCHER, "process.supervise",        "relay the terminal, forward signals, wait for the holder"),
     Step(LAUNCHER, "cgroups.report",           "peak memory, CPU, OOM kills and pids events; then the leaf goes"),
 )
@@ -95,6 +96,10 @@ class Steps:
         self.rows = [s.id for s in SEQUENCE if s.who == who]
         self.next = 0
         self.chan, self.trace, self.events = chan, trace, events
+
+    def skip_to(self, step_id: str) -> None:
+        """On a failed launch, jump over the rows that will not run (never backwards)."""
+        self.next = max(self.next, self.rows.index(step_id))
 
     @contextlib.contextmanager
     def __call__(self, step_id: str) -> Iterator[None]:
@@ -234,9 +239,11 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
         with step("image.materialize"):
             image = None
             if spec.image:
-                # Unpacked once per image (cached), and marked in use until the run ends.
-                rootfs = held.enter_context(image_store.use_rootfs(spec.image))
-                image = ImageRoot(str(rootfs), image_store.image_config(spec.image),
+                # Pulled per --pull (threads are safe: nothing has forked yet), then by digest:
+                # unpacked once per image (cached), and marked in use until the run ends.
+                ref = image_registry.ensure(spec.image, spec.pull)
+                rootfs = held.enter_context(image_store.use_rootfs(ref))
+                image = ImageRoot(str(rootfs), image_store.image_config(ref),
                                   str(config.prepare_upper(spec.name, spec.fresh)))
         with step("seccomp.compile"):
             plans = make_plans(spec, command, stdin_is_tty, str(home), image)
@@ -285,6 +292,7 @@ def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]], cg: cgroups
         if proxy is not None:
             proxy.stop()
         status = holder_status if holder_status is not None else os.waitpid(holder_pid, 0)[1]
+        step.skip_to("cgroups.report")  # a failed launch skipped supervise: report all the same
         with step("cgroups.report"):
             if cg is not None:
                 outcome.usage = cgroups.usage(cg)

@@ -27,6 +27,7 @@ ENV_PASSTHROUGH_PREFIXES = ("LC_",)
 
 NETWORK_MODES = ("none", "allowlist", "host")
 API_KEY_MODES = ("inject", "env", "none")
+PULL_POLICIES = ("missing", "always", "never")  # nsbox run --pull, as podman's
 
 # Study mode (--without LAYER) may remove these; the namespaces stay (userns cannot go).
 REMOVABLE_LAYERS = ("caps", "landlock", "seccomp")
@@ -54,6 +55,7 @@ class SandboxSpec:
     timeout_grace: float = 3.0
     disk: int | None = None  # bytes: size= of every tmpfs the agent can write (/tmp, /dev/shm)
     image: str | None = None  # an image in the local store: its tree is the root (overlay)
+    pull: str = "missing"  # with image: missing | always | never (podman's --pull)
     memory: int | None = None  # bytes (cgroup memory.max, swap 0)
     cpus: float | None = None  # CPUs (cgroup cpu.max)
     pids: int | None = None  # processes and threads (cgroup pids.max)
@@ -99,6 +101,9 @@ class SandboxSpec:
             raise usage_error("spec.validate", "--disk must be at least 1M")
         if self.limits not in ("strict", "best-effort"):
             raise usage_error("spec.validate", f"--limits {self.limits!r}", fix="--limits strict or best-effort")
+        if self.pull not in PULL_POLICIES:
+            raise usage_error("spec.validate", f"--pull {self.pull!r} is not a pull policy",
+                              fix="one of: " + ", ".join(PULL_POLICIES))
         for layer in self.without:
             if layer not in REMOVABLE_LAYERS:
                 raise usage_error("spec.validate", f"--without {layer!r}: not a layer that can be removed",

@@ -16,8 +16,13 @@ Layout under `$XDG_DATA_HOME/nsbox/` (default `~/.local/share/nsbox/`), mode 070
     locks/use-<hex>.lock   shared while a sandbox runs on <hex> (`use_rootfs`); `remove`
                            refuses when it cannot take it exclusively
     tmp/                   blobs being written, archives being read
+    tmp/pull-<hex>         a blob being downloaded (registry.py): flock'ed by its writer,
+                           kept after an interrupted pull so the next one resumes it
 
-Lock order: store.lock, then use-/unpack-<hex>.lock; `remove` only *tries* the use locks
+A pull holds store.lock shared while it downloads (so `import` cannot wipe tmp/ and `rm`
+cannot collect its blobs), then takes it exclusively to name the image (`add_manifest`).
+
+Lock order: store.lock, then use-/unpack-<hex>.lock or a tmp/pull-<hex> file; `remove` only *tries* the use locks
 (LOCK_NB), so a running sandbox never blocks it and it never deadlocks.
 
 Kernel docs: flock(2) (locks belong to the open file: two opens conflict even in one
@@ -208,6 +213,76 @@ class Store:
             raise StepError("image.store", f"verify blob {digest}", detail="content does not match its digest",
                             why="the blob was modified or truncated on disk", fix="re-import the image")
         return data
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    @contextlib.contextmanager
+    def download_blob(self, digest: str, size: int | None = None) -> Iterator[BlobDownload | None]:
+        """A resumable writer for blob `digest` (None if the store has it already).
+
+        Hold `pulling()` around it. The partial file survives an interrupted download so the
+        next call resumes it; `commit` verifies size and digest and only then renames it in.
+        """
+        hexd = self.blob_path(digest).name
+        path = self.tmp / f"pull-{hexd}"
+        while True:
+            if self.has_blob(digest):
+                yield None
+                return
+            with acting_store(f"open {path}"):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # another process downloading this blob: wait for it
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    st = None
+                if st is None or (st.st_dev, st.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                    continue  # the holder committed or discarded this file while we waited: look again
+                with acting_store(f"read {path}"):
+                    writer = BlobDownload(self, digest, size, path, fd)
+                yield writer
+                return
+            finally:
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def pulling(self) -> Iterator[None]:
+        """Shared store.lock for the length of a download: no import wipes tmp/, no rm collects blobs."""
+        with self._lock("store.lock", exclusive=False):
+            yield
+
+    def add_manifest(self, digest: str, name: str | None = None, source: str | None = None) -> ImageRef:
+        """Name a manifest whose blobs are all in the store (a pull's last step).
+
+        `name` moves to this image as `import` does; `source` (an index digest and platform
+        the manifest was chosen by) is remembered so a pull by that digest finds it again.
+        """
+        full = normalize_name(name) if name else None
+        with self._lock("store.lock", exclusive=True):
+            manifest, _ = self._config_of(digest)
+            missing = [d["digest"] for d in manifest["layers"] if not self.has_blob(d["digest"])]
+            if missing:  # an `rm` ran between the download and now: it collected them
+                raise StepError("image.pull", f"register {digest}", detail=f"layer {missing[0]} left the store",
+                                fix="pull again")
+            images = self._load_index()
+            if full:
+                for other in images.values():
+                    other["names"] = [n for n in other.get("names", []) if n != full]
+            entry = images.setdefault(digest, {"names": []})
+            entry["names"] = sorted(set(entry.get("names", [])) | ({full} if full else set()))
+            if source:
+                entry["sources"] = sorted(set(entry.get("sources", [])) | {source})
+            self._save_index(images)
+        return ImageRef(digest, full)
+
+    def find_source(self, source: str) -> str | None:
+        """The manifest digest registered with `source` by `add_manifest`, if any."""
+        for digest, entry in self._load_index().items():
+            if source in entry.get("sources", []):
+                return digest
+        return None
 
     # -- index --------------------------------------------------------------------------
 
@@ -502,6 +577,60 @@ class Store:
             remove_tree(tmp)
             raise
         return report
+
+
+class BlobDownload:
+    """A blob being written to tmp/pull-<hex>, hashed as it is written; see Store.download_blob."""
+
+    def __init__(self, store: Store, digest: str, size: int | None, path: Path, fd: int):
+        self.store, self.digest, self.size, self.path, self.fd = store, digest, size, path, fd
+        self.hash = hashlib.sha256()
+        self.offset = 0
+        while chunk := os.read(fd, layout.CHUNK):  # what an interrupted pull left: hash it to resume
+            self.hash.update(chunk)
+            self.offset += len(chunk)
+        self.resumed = self.offset
+        self.committed = False
+        if size is not None and self.offset > size:
+            self.restart()
+
+    def restart(self) -> None:
+        """Start from byte 0 (the server ignored Range, or the partial file was bad)."""
+        with acting_store(f"truncate {self.path}"):
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+        self.hash, self.offset, self.resumed = hashlib.sha256(), 0, 0
+
+    def write(self, chunk: bytes) -> None:
+        if self.size is not None and self.offset + len(chunk) > self.size:
+            self.discard()
+            raise StepError("image.pull", f"verify blob {self.digest}", detail=f"the registry sent more than "
+                            f"the {self.size} bytes the manifest says; nothing was stored")
+        with acting_store(f"write {self.path}"):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(self.fd, view):]
+        self.hash.update(chunk)
+        self.offset += len(chunk)
+
+    def commit(self, keep_on_mismatch: bool = False) -> None:
+        """Verify size and digest, then rename into blobs/; on a mismatch, delete (unless told) and raise."""
+        actual = "sha256:" + self.hash.hexdigest()
+        if actual != self.digest or (self.size is not None and self.offset != self.size):
+            if not keep_on_mismatch:
+                self.discard()
+            raise StepError("image.pull", f"verify blob {self.digest}",
+                            detail=f"digest mismatch: {self.offset} bytes hashing to {actual}; nothing was stored",
+                            why="the registry's copy is corrupt, or something between you and it altered it")
+        with acting_store(f"store blob {self.digest}"):
+            os.fsync(self.fd)
+            os.fchmod(self.fd, 0o444)
+            os.rename(self.path, self.store.blob_path(self.digest))  # under our flock: waiters re-check
+        self.committed = True
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 @contextlib.contextmanager

@@ -99,11 +99,30 @@ def claim(name: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _wipe(path: Path) -> None:
+    """Remove a home or upper layer for --fresh: first renamed away (atomic), then deleted.
+
+    A launcher killed while deleting leaves a `.trash-*` directory beside it (the next run
+    of this name, or `nsbox gc`, removes it), never a half-deleted home the next run would
+    take for the real one. Called under the name's claim, like the sweep of old trash.
+    """
+    if path.exists():
+        trash = path.parent / f".trash-{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, onerror=_make_writable_and_retry)
+
+
+def sweep_trash(name: str) -> None:
+    """Remove what an interrupted --fresh of this sandbox left (call it holding `claim(name)`)."""
+    for trash in sandbox_dir(name).glob(".trash-*"):
+        shutil.rmtree(trash, onerror=_make_writable_and_retry)
+
+
 def prepare_upper(name: str, fresh: bool) -> Path:
     """The persistent upper layer of an image sandbox (`data/`, and overlayfs's `work/`)."""
     upper = sandbox_dir(name) / "upper"
-    if fresh and upper.exists():
-        shutil.rmtree(upper, onerror=_make_writable_and_retry)
+    if fresh:
+        _wipe(upper)
     for sub in ("data", "work"):
         (upper / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     return upper
@@ -112,8 +131,9 @@ def prepare_upper(name: str, fresh: bool) -> Path:
 def prepare_home(name: str, fresh: bool) -> Path:
     """Create (or with `fresh`, wipe and recreate) the agent's persistent home directory."""
     home = sandbox_dir(name) / "home"
-    if fresh and home.exists():
-        shutil.rmtree(home, onerror=_make_writable_and_retry)
+    sweep_trash(name)
+    if fresh:
+        _wipe(home)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 

@@ -320,6 +320,12 @@ def _parse_oci(path: Path, data: Mapping[str, Any]) -> Profile:
         if not isinstance(s, dict):
             raise _bad(path, n, "a syscalls[] entry must be an object", "see the OCI linux.seccomp format")
         includes, excludes = s.get("includes") or {}, s.get("excludes") or {}
+        for part, value in (("includes", includes), ("excludes", excludes)):
+            if not isinstance(value, dict) or not all(
+                    isinstance(value.get(k, []), list) and all(isinstance(x, str) for x in value.get(k, []))
+                    for k in ("caps", "arches")):
+                raise _bad(path, n, f"`{part}` must be an object whose caps and arches are lists of names",
+                           "see the OCI linux.seccomp format")
         if includes.get("caps"):
             continue  # granted only with a capability nsbox never gives
         if includes.get("arches") and _GO_ARCH not in includes["arches"]:
@@ -329,8 +335,9 @@ def _parse_oci(path: Path, data: Mapping[str, Any]) -> Profile:
         if _GO_ARCH in (excludes.get("arches") or []):
             continue
         names = s.get("names") or ([s["name"]] if s.get("name") else [])
-        if not names or not all(isinstance(x, str) for x in names):
-            raise _bad(path, n, "entry has no `names`", 'add "names": ["..."]')
+        # A string here would be read letter by letter: a deny rule covering nothing.
+        if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+            raise _bad(path, n, "`names` must be a non-empty list of syscall names", 'write "names": ["..."]')
         action = _oci_action(path, n, s.get("action"),
                              s.get("errnoRet", s.get("errno", data.get("defaultErrnoRet"))))
         conditions = tuple(_oci_condition(path, n, a) for a in (s.get("args") or []))
@@ -343,7 +350,7 @@ def _oci_action(path: Path, rule: int | None, name: object, errno_value: object)
     if name == "SCMP_ACT_NOTIFY":
         raise _bad(path, rule, "SCMP_ACT_NOTIFY needs a seccomp supervisor, which nsbox does not run",
                    "use SCMP_ACT_ERRNO or SCMP_ACT_LOG instead")
-    if name not in _OCI_ACTIONS:
+    if not isinstance(name, str) or name not in _OCI_ACTIONS:
         raise _bad(path, rule, f"bad action {name!r}", f"use one of {', '.join(_OCI_ACTIONS)}")
     kind = _OCI_ACTIONS[str(name)]
     if kind == "errno":
@@ -353,10 +360,15 @@ def _oci_action(path: Path, rule: int | None, name: object, errno_value: object)
 
 
 def _oci_condition(path: Path, n: int, a: object) -> Condition:
-    if not isinstance(a, dict) or a.get("op") not in _OCI_OPS or not isinstance(a.get("index"), int):
+    if (not isinstance(a, dict) or not isinstance(a.get("op"), str) or a["op"] not in _OCI_OPS
+            or not isinstance(a.get("index"), int) or isinstance(a.get("index"), bool)):
         raise _bad(path, n, f"bad argument condition {a!r}", f"op is one of {', '.join(_OCI_OPS)}")
     op = _OCI_OPS[a["op"]]
-    value, value_two = int(a.get("value", 0)), int(a.get("valueTwo", 0))
+    raw, raw_two = a.get("value", 0), a.get("valueTwo", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 for v in (raw, raw_two)):
+        raise _bad(path, n, f"bad argument condition {a!r}: value and valueTwo are 64-bit unsigned integers",
+                   "write numbers, e.g. \"value\": 2114060288")
+    value, value_two = int(raw), int(raw_two)
     if op == "masked_eq":  # OCI: `value` is the mask, `valueTwo` the expected result
         return Condition(int(a["index"]), op, value_two & value, value)
     return Condition(int(a["index"]), op, value)

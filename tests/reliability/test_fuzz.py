@@ -305,10 +305,8 @@ OCI_PROFILE = st.fixed_dictionaries({"defaultAction": maybe(st.sampled_from(OCI_
     "syscalls": maybe(st.lists(OCI_ENTRY, max_size=3))})
 
 
-# nsbox/layers/seccomp.py's _parse_oci trusts the JSON's types (the lead's file: reported,
-# not fixed here). Any other exception, or a hang, still fails this test.
-SECCOMP_OCI_BUG = ("seccomp._parse_oci/_oci_action/_oci_condition let a wrongly typed JSON value escape as "
-                   "TypeError/AttributeError/ValueError instead of a StepError")
+# Wrongly typed JSON values that once escaped _parse_oci as TypeError/AttributeError/ValueError
+# (found by this fuzzer); each must now be a StepError naming the file and the rule.
 OCI_CRASHES = [
     {"defaultAction": []},
     {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",
@@ -317,16 +315,18 @@ OCI_CRASHES = [
                                                       "includes": ["caps"]}]},
     {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",
                                                       "args": [{"index": 0, "op": "SCMP_CMP_EQ", "value": "x"}]}]},
+    # "names" as a string would be read letter by letter: a deny rule that covers nothing.
+    {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": "keyctl", "action": "SCMP_ACT_ERRNO"}]},
 ]
 
 
-@pytest.mark.parametrize("profile", OCI_CRASHES, ids=["action-list", "arches-int", "includes-list", "value-str"])
-@pytest.mark.xfail(strict=True, raises=(TypeError, AttributeError, ValueError), reason=SECCOMP_OCI_BUG)
-def test_seccomp_oci_known_crashes(profile: dict[str, Any]) -> None:
-    only_step_errors(lambda: seccomp.parse_profile(Path("fuzz.json"), json.dumps(profile).encode()))
+@pytest.mark.parametrize("profile", OCI_CRASHES,
+                         ids=["action-list", "arches-int", "includes-list", "value-str", "names-string"])
+def test_seccomp_oci_once_crashing_inputs_are_step_errors(profile: dict[str, Any]) -> None:
+    with pytest.raises(StepError, match=r"seccomp\.compile"):
+        seccomp.parse_profile(Path("fuzz.json"), json.dumps(profile).encode())
 
 
-@pytest.mark.xfail(strict=False, raises=(TypeError, AttributeError, ValueError), reason=SECCOMP_OCI_BUG)
 @settings(FUZZ, report_multiple_bugs=False)  # one exception, so that `raises` judges it
 @given(st.one_of(OCI_PROFILE.map(lambda d: json.dumps(d).encode()), json_values.map(lambda v: json.dumps(v).encode()),
                  st.binary(max_size=200)))

@@ -239,7 +239,10 @@ def _mountns(plans: Plans, status: dict[str, str], out: _Rows) -> None:
     if m.root.image is None:
         out.add("mountns", "create a file in /usr", "EROFS", _attempt(lambda: _create_and_remove("/usr")))
         out.add("mountns", "create a file in /", "EROFS", _attempt(lambda: _create_and_remove("/")))
-    out.add("mountns", "project writable", "ok", _attempt(lambda: _create_and_remove(m.project)))
+    # The mount is read-write; the host's permissions still apply (a project you cannot
+    # write on the host is not writable inside either).
+    out.add("mountns", "project writable" if m.project_writable else "project writable (not by you on the host)",
+            "ok" if m.project_writable else "EACCES", _attempt(lambda: _create_and_remove(m.project)))
     out.add("mountns", "/oldroot, /newroot", "absent",
             "present" if any(os.path.lexists(p) for p in (mountns_layer.HOST, mountns_layer.NEW)) else "absent")
     mounts = _mountinfo()

@@ -100,6 +100,7 @@ class MountNsPlan:
     mounts: tuple[Mount, ...]
     project: str
     root: Root = Root()
+    project_writable: bool = True  # by the caller on the host: the mount cannot grant more
 
     def describe(self) -> list[str]:
         return [f"new mount namespace, private propagation; pivot_root into {self.root.describe()}"] + [
@@ -170,7 +171,7 @@ def plan(
             raise usage_error("mountns.plan", f"{source!r} does not exist on the host",
                               fix="give an existing file or directory to --ro-bind")
         mounts.append(Mount("bind", target, source, why=why))
-    return MountNsPlan(tuple(mounts), project, root)
+    return MountNsPlan(tuple(mounts), project, root, os.access(project, os.W_OK))
 
 
 def _size(disk: int | None) -> str:

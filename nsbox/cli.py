@@ -12,6 +12,7 @@ import click
 
 from nsbox import __version__, hints, limits
 from nsbox.errors import ExitCode, StepError
+from nsbox.events import redact
 from nsbox.sandbox import Sandbox
 from nsbox.spec import SandboxSpec
 
@@ -138,8 +139,8 @@ def _command(command: tuple[str, ...]) -> list[str] | None:
 
 @main.command(context_settings={"allow_interspersed_args": False})
 @_run_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result (status, signal, flags, usage) as JSON, "
-              "the last line of stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (status, signal, flags, usage) as one "
+              "JSON object, the last line of stdout.")
 def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool, **opts: Any) -> None:
     """Run COMMAND (default: claude --dangerously-skip-permissions) on PROJECT (default: .).
 
@@ -153,24 +154,31 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool
         _reexec_in_a_delegated_scope_if_needed(spec)
     except StepError as e:
         _fail(e)
-    result = Sandbox(spec).run(_command(command))
-    if verbose:
-        for event in result.events:
-            if event.get("event", "step.ok") == "step.ok":
-                click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
-    summary = {"event": "sandbox.exit", "status": result.status, "signal": result.signal,
-               "flags": sorted(result.flags), "usage": result.usage, "error": result.error}
-    if log:
-        with open(log, "a") as f:
-            for event in result.events:
-                f.write(json.dumps({k: v for k, v in event.items() if k != "kind"}) + "\n")
-            f.write(json.dumps(summary) + "\n")
+    sandbox = Sandbox(spec)
+    secrets = sandbox.secrets()
+    log_file = open(log, "a", buffering=1) if log else None  # noqa: SIM115 - open for the whole run
+
+    def on_event(event: dict[str, Any]) -> None:
+        if verbose and event.get("event") == "step.ok":
+            click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
+        if log_file is not None:
+            log_file.write(redact(event, secrets) + "\n")
+
+    try:
+        result = sandbox.run(_command(command), on_event=on_event)
+        summary = {"event": "sandbox.exit", "status": result.status, "signal": result.signal,
+                   "flags": sorted(result.flags), "usage": result.usage, "error": result.error}
+        if log_file is not None:
+            log_file.write(redact(summary, secrets) + "\n")
+    finally:
+        if log_file is not None:
+            log_file.close()
     if result.error:
         click.echo(result.error, err=True)
-    if result.usage and result.usage.get("sentence"):
-        click.echo(f"nsbox: {result.usage['sentence']}", err=True)
-    if as_json:  # last line of stderr: the command's own stdout stays untouched
-        click.echo(json.dumps(summary), err=True)
+    for violation in result.violations:  # for the user, and for an agent that reads our stderr
+        click.echo(f"nsbox: {violation['message']}", err=True)
+    if as_json:  # for CI runners: one object, the last line of stdout
+        click.echo(json.dumps(summary))
     sys.exit(result.status)
 
 

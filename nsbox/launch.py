@@ -22,7 +22,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,25 @@ SEQUENCE: tuple[Step, ...] = (
 )
 
 
+class EventLog(list[dict[str, Any]]):
+    """The run's events in arrival order; `sink` sees each as it comes (--verbose, --log).
+
+    Steps of the launcher, messages of the children (over the sync channel) and the
+    proxy's decisions (from its threads: list.append is atomic) all land here.
+    """
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def append(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "event":
+            del event["kind"]  # the sync channel's message kind, not part of the event
+        super().append(event)
+        if self.sink is not None:
+            self.sink(event)
+
+
 class Steps:
     """Runs one role's rows of SEQUENCE, in order, reporting each as an event."""
 
@@ -107,18 +126,23 @@ class Steps:
         if step_id != expected:
             raise StepError(step_id, "run step", detail=f"out of order in role {self.who}: expected {expected}")
         self.next += 1
+        self._report("step.start", step_id)
         try:
             yield
         except StepError:
             raise
         except OSError as e:
             raise StepError(step_id, type(e).__name__, e.errno, detail=e.filename) from e
-        if self.trace:
-            event = {"event": "step.ok", "role": self.who, "step": step_id, "t": time.time()}
-            if self.chan is not None and self.who != LAUNCHER:
-                self.chan.send("event", (), **event)
-            else:
-                self.events.append(event)
+        self._report("step.ok", step_id)
+
+    def _report(self, kind: str, step_id: str) -> None:
+        if not self.trace:
+            return
+        event = {"event": kind, "role": self.who, "step": step_id, "t": time.time()}
+        if self.chan is not None and self.who != LAUNCHER:
+            self.chan.send("event", (), **event)
+        else:
+            self.events.append(event)
 
 
 @dataclass(frozen=True)
@@ -209,6 +233,7 @@ class Outcome:
     timed_out: bool = False
     usage: dict[str, Any] | None = None  # what the cgroup counted (peak memory, CPU, OOM kills...)
     probe: list[dict[str, Any]] | None = None  # nsbox verify: the checks from inside
+    kill_rules: tuple[str, ...] = ()  # the `why` of each seccomp rule that kills, for a SIGSYS report
 
     @property
     def exit_code(self) -> int:
@@ -226,8 +251,7 @@ NAMESPACES = (CloneFlag.CLONE_NEWNS | CloneFlag.CLONE_NEWIPC | CloneFlag.CLONE_N
 # ---- the four roles ---------------------------------------------------------------------
 
 
-def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: bool) -> Outcome:
-    events: list[dict[str, Any]] = []
+def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: bool, events: EventLog) -> Outcome:
     step = Steps(LAUNCHER, None, spec.trace, events)
     with step("spec.validate"):
         spec = spec.resolved()
@@ -247,6 +271,8 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
                                   str(config.prepare_upper(spec.name, spec.fresh)))
         with step("seccomp.compile"):
             plans = make_plans(spec, command, stdin_is_tty, str(home), image)
+        if spec.trace:
+            events.append({"event": "plan", "t": time.time(), "layers": dict(plans.describe())})
         with step("cgroups.create"):
             cg = cgroups.create(plans.cgroups)
             if cg is not None:
@@ -254,7 +280,7 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
         return _launch(plans, step, events, cg)
 
 
-def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]], cg: cgroups.Cgroup | None) -> Outcome:
+def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | None) -> Outcome:
     spec = plans.spec
 
     mine, theirs = Channel.pair()
@@ -263,7 +289,10 @@ def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]], cg: cgroups
         holder_pid = process.fork_role("holder", lambda: holder(plans, theirs, errors), errors)
     theirs.close()
     errors.close_write()
-    outcome = Outcome()
+    outcome = Outcome(events=events)
+    if plans.seccomp is not None:
+        outcome.kill_rules = tuple(r.why for r in plans.seccomp.rules if r.action.startswith("kill"))
+    mine.events = events  # children's step events land in the same log, as they arrive
     holder_status: int | None = None
     proxy: net.ProxyServer | None = None
     try:
@@ -296,10 +325,14 @@ def _launch(plans: Plans, step: Steps, events: list[dict[str, Any]], cg: cgroups
         with step("cgroups.report"):
             if cg is not None:
                 outcome.usage = cgroups.usage(cg)
-        outcome.events = sorted(events + mine.events + outcome.events, key=lambda e: float(e.get("t", 0)))
         mine.close()
         for err in errors.read_all():
             outcome.error = outcome.error or err
+        if (outcome.status is None and outcome.usage and outcome.usage.get("oom_kills")
+                and process.exit_code_of(status) == ExitCode.SIGNAL_BASE + signal.SIGKILL):
+            # memory.oom.group: the OOM killer took the whole sandbox, init with the agent
+            # (and perhaps the holder), so no agent-exit message came: the agent got SIGKILL.
+            outcome.status = AgentStatus(ExitCode.SIGNAL_BASE + signal.SIGKILL, signal.SIGKILL)
         if outcome.status is None and outcome.error is None:
             outcome.error = StepError("process.supervise", "wait for the sandbox",
                                       detail=f"it ended without a status (holder: {process.exit_code_of(status)})")
@@ -492,11 +525,12 @@ def _on_timeout(outcome: Outcome, init_pid: int, grace: float, cg: cgroups.Cgrou
     return None
 
 
-def launch(spec: SandboxSpec, command: tuple[str, ...] | None = None,
-           stdin_is_tty: bool | None = None) -> Outcome:
+def launch(spec: SandboxSpec, command: tuple[str, ...] | None = None, stdin_is_tty: bool | None = None,
+           on_event: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
     """Run one sandbox to completion. Returns the Outcome; never raises StepError."""
     tty = os.isatty(0) if stdin_is_tty is None else stdin_is_tty
+    events = EventLog(on_event)
     try:
-        return launcher(spec, command, tty)
+        return launcher(spec, command, tty, events)
     except StepError as e:
-        return Outcome(error=e)
+        return Outcome(error=e, events=events)

@@ -47,7 +47,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.events: list[dict[str, Any]] = []  # step events received while waiting
+        self.events: list[dict[str, Any]] = []  # step events received while waiting (the launcher's log)
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsbox import hints, launch
+from nsbox import events, hints, launch
 from nsbox.errors import ExitCode
 from nsbox.spec import SandboxSpec
 
@@ -30,6 +31,7 @@ class Result:
     events: tuple[dict[str, Any], ...] = field(default=(), repr=False)
     checks: tuple[dict[str, Any], ...] = ()  # nsbox verify: (layer, check, expected, actual, ok)
     usage: dict[str, Any] | None = None  # cgroup counters: memory_peak, cpu_usec, oom_kills, ...
+    violations: tuple[dict[str, Any], ...] = ()  # what was refused or stopped: {"kind", "message", ...}
 
     @property
     def ok(self) -> bool:
@@ -65,9 +67,22 @@ class Sandbox:
                     os.environ["XDG_CACHE_HOME"] = saved
         return plans.describe()
 
-    def run(self, argv: list[str] | None = None, stdin_is_tty: bool | None = None) -> Result:
-        """Run argv (default: the agent) in a new sandbox and wait for it."""
-        outcome = launch.launch(self.spec, tuple(argv) if argv else None, stdin_is_tty)
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never be written to a log: the API key, and what --env passed."""
+        values = [os.environ.get("ANTHROPIC_API_KEY", "")]
+        for item in self.spec.env:
+            name, sep, value = item.partition("=")
+            values.append(value if sep else os.environ.get(name, ""))
+        return tuple(v for v in values if v)
+
+    def run(self, argv: list[str] | None = None, stdin_is_tty: bool | None = None,
+            on_event: Callable[[dict[str, Any]], None] | None = None) -> Result:
+        """Run argv (default: the agent) in a new sandbox and wait for it.
+
+        `on_event` sees every audit event as it happens (see nsbox.events), the violations
+        last; they are all in Result.events too.
+        """
+        outcome = launch.launch(self.spec, tuple(argv) if argv else None, stdin_is_tty, on_event)
         flags: set[str] = set()
         error = None
         if outcome.error is not None:
@@ -79,14 +94,19 @@ class Sandbox:
             flags.add("signaled")
         if outcome.timed_out:
             flags.add("timeout")
-            error = (f"nsbox: timeout: the command ran past --timeout {self.spec.timeout:g}s; it got SIGTERM, "
-                     f"and the sandbox SIGKILL {self.spec.timeout_grace:g}s later if still running")
         if outcome.usage and outcome.usage.get("oom_kills"):
             flags.add("oom")
         if outcome.usage and outcome.usage.get("pids_max_hits"):
             flags.add("pids-limit")
+        if outcome.error is not None:
+            outcome.events.append({"event": "step.fail", "step": outcome.error.step,
+                                   "error": outcome.error.headline()})
+        found = events.violations(sig, outcome.timed_out, self.spec.timeout, outcome.usage, list(outcome.events),
+                                  outcome.kill_rules)
+        for v in found:
+            outcome.events.append({"event": "violation", **v})
         return Result(outcome.exit_code, sig, error, frozenset(flags), tuple(outcome.events),
-                      tuple(outcome.probe or ()), outcome.usage)
+                      tuple(outcome.probe or ()), outcome.usage, tuple(found))
 
     def verify(self) -> Result:
         """Build this sandbox and run the self-checks inside it, after every layer."""

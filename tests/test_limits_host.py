@@ -37,7 +37,7 @@ def test_best_effort_warns_and_rlimits_bite(nsbox):
     assert "MemoryError" in r.stderr and "survived" not in r.stdout
     assert "warning: memory 256 MiB: rlimits: RLIMIT_AS" in r.stderr
     assert "warning: cpus 0.5: NOT ENFORCED" in r.stderr
-    summary = json.loads(r.stderr.strip().splitlines()[-1])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["status"] == 1 and summary["usage"] is None
     assert nsbox("--memory", "256M", "--limits", "best-effort", cmd=["/usr/bin/python3", "-c", "print(1)"]
                  ).stdout == "1\n"

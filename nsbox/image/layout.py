@@ -246,6 +246,9 @@ def _from_index(arc: _Archive, index: dict[str, Any], sink: BlobSink, depth: int
         desc = _descriptor(d, "index entry")
         annotations = d.get("annotations") or {}
         plat = d.get("platform") or {}
+        if not isinstance(plat, dict) or not isinstance(annotations, dict):
+            raise StepError(STEP, "read image index", detail=f"index entry {desc.digest}: platform and annotations "
+                            "must be objects")
         if plat and (plat.get("os"), plat.get("architecture")) != (want_os, want_arch):
             continue
         if desc.media_type in INDEX_TYPES:

@@ -39,6 +39,7 @@ from nsbox.spec import ENV_PASSTHROUGH, ENV_PASSTHROUGH_PREFIXES
 AGENT_COMMAND = ("claude", "--dangerously-skip-permissions")
 INSIDE_PATH = f"{AGENT_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SECRET_NAMES = ("ANTHROPIC_API_KEY",)
+SHOWN_VALUES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "ANTHROPIC_BASE_URL")
 IMAGE_ENV_REFUSED_PREFIXES = ("LD_",)  # LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT...
 IMAGE_ENV_REFUSED = ("HOME", "USER", "LOGNAME", "SHELL", "BASH_ENV", "ENV", "PYTHONSTARTUP")
 
@@ -52,7 +53,9 @@ class ExecvePlan:
     host_binds: tuple[tuple[str, str], ...]  # (host file, inside path) resolved on the host
 
     def describe(self) -> list[str]:
-        shown = [f"{k}=<redacted>" if k in SECRET_NAMES else f"{k}={v}" for k, v in self.env]
+        # Values are shown only for what nsbox itself sets; anything passed in may be a secret.
+        shown = [f"{k}={v}" if k in SHOWN_VALUES or k.endswith(("_proxy", "_PROXY")) else f"{k}=<redacted>"
+                 for k, v in self.env]
         return [
             f"execve {list(self.argv)} in {self.cwd}",
             "environment (nothing else): " + " ".join(shown),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +89,32 @@ def nsbox(env: dict[str, str], project: Path) -> Iterator[object]:
 
 def sh(script: str) -> list[str]:
     return ["/bin/sh", "-c", script]
+
+
+def wait_for_file(path: Path, timeout: float = 30) -> None:
+    """Wait until a sandboxed command has created `path` (its way of saying "I am running")."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rootfs/busybox test image as an OCI layout, built once per test session."""
+    out = tmp_path_factory.mktemp("busybox") / "layout"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "make-busybox-image"), "--offline", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode == 75:
+        pytest.skip(f"busybox-static .deb not cached (scripts/setup fetches it as root): {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.fixture
+def imported(env: dict[str, str], busybox_layout: Path) -> str:
+    """The busybox image, imported into this test's store (its XDG_DATA_HOME)."""
+    r = subprocess.run([*NSBOX, "image", "import", str(busybox_layout)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()

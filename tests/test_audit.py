@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from conftest import NSBOX, sh
+from conftest import sh
 
 KEY = "sk-ant-api03-audit-canary-0123456789"
 TOKEN = "tok-audit-canary-9876"

@@ -5,31 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pytest
-from conftest import NSBOX, REPO, sh
-
-
-@pytest.fixture(scope="module")
-def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("busybox") / "layout"
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "make-busybox-image"), "--offline", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    if run.returncode == 75:
-        pytest.skip(f"busybox-static .deb not cached (scripts/setup fetches it as root): {run.stderr.strip()}")
-    assert run.returncode == 0, run.stderr
-    return out
-
-
-@pytest.fixture
-def imported(env: dict[str, str], busybox_layout: Path) -> str:
-    r = subprocess.run([*NSBOX, "image", "import", str(busybox_layout)], env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
+from conftest import NSBOX, sh, wait_for_file
 
 
 def _tree_digest(root: Path) -> str:
@@ -87,10 +65,7 @@ def test_an_image_rm_is_refused_while_a_sandbox_uses_it(imported, env, project):
                           f"touch {project}/ready; sleep 30"], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (project / "ready").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_file(project / "ready")
         r = subprocess.run([*NSBOX, "image", "rm", "busybox"], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 125, r.stdout + r.stderr
         assert r.stderr.startswith("nsbox: image.")

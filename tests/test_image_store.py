@@ -339,17 +339,6 @@ def test_import_real_archives(store: Store, name: str) -> None:
 # -- the busybox test image (rootfs/busybox) --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("busybox") / "layout"
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "make-busybox-image"), "--offline", str(out)],
-                         capture_output=True, text=True)
-    if run.returncode == 75:
-        pytest.skip(f"busybox-static .deb not cached: {run.stderr.strip()}")
-    assert run.returncode == 0, run.stderr
-    return out
-
-
 def test_busybox_image(store: Store, busybox_layout: Path) -> None:
     ref = store.import_image(busybox_layout)
     assert ref.name == "busybox:latest"

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import NSBOX, sh
+from conftest import NSBOX, sh, wait_for_file
 
 
 def test_proc_shows_only_the_sandbox_and_the_agent_is_init_child(nsbox):
@@ -54,17 +54,10 @@ def _start(env: dict[str, str], project: Path, script: str) -> subprocess.Popen[
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def test_sigterm_to_the_launcher_reaches_the_agent(env, project):
     p = _start(env, project, f"trap 'echo got-term; exit 7' TERM; touch {project}/ready; "
                              "while :; do sleep 0.05; done")
-    _wait_for(project / "ready")
+    wait_for_file(project / "ready")
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=20)
     assert p.returncode == 7, err
@@ -100,7 +93,7 @@ def test_kill_9_of_the_launcher_leaves_nothing_alive(env, project):
     # The marker is $0 of each shell, so it shows in their /proc/<pid>/cmdline on the host.
     p = _start(env, project, f"setsid sh -c 'trap \"\" HUP; sleep 300; :' {marker} & "
                              f"sh -c 'sleep 300; :' {marker} & touch {project}/ready; wait")
-    _wait_for(project / "ready")
+    wait_for_file(project / "ready")
     deadline = time.monotonic() + 10
     while len(_pids_with(marker)) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)

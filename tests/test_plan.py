@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 from conftest import NSBOX
-from test_image_run import busybox_layout, imported  # noqa: F401 - fixtures
 
 from nsbox.launch import SEQUENCE
 from nsbox.spec import REMOVABLE_LAYERS
@@ -75,7 +74,7 @@ def test_plan_without_a_layer_says_so(env, project):
     assert out["layers"]["seccomp"] == ["REMOVED with --without (study mode): not enforced"]
 
 
-def test_plan_of_an_image_describes_the_overlay_and_unpacks_nothing(env, project, imported):  # noqa: F811
+def test_plan_of_an_image_describes_the_overlay_and_unpacks_nothing(env, project, imported):
     store = Path(env["XDG_DATA_HOME"]) / "nsbox"
     before = tree(store)
     r = plan(env, project, "--image", "busybox", "--json")

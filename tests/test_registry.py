@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NSBOX, REPO, sh
+from conftest import NSBOX, sh
 
 from nsbox.errors import StepError
 from nsbox.image import layout, registry
@@ -228,17 +227,6 @@ def start(registries: list[Registry], tmp_path: Path) -> Any:
         return reg
 
     return go
-
-
-@pytest.fixture(scope="module")
-def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("busybox") / "layout"
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "make-busybox-image"), "--offline", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    if run.returncode == 75:
-        pytest.skip(f"busybox-static .deb not cached (scripts/setup fetches it as root): {run.stderr.strip()}")
-    assert run.returncode == 0, run.stderr
-    return out
 
 
 def _manifest_digest(layout_dir: Path) -> str:

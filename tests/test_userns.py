@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
-from conftest import sh
+from conftest import NSBOX, sh, wait_for_file
 
 
 def test_agent_runs_as_uid_1000_with_exactly_one_mapping(nsbox):
@@ -39,19 +40,11 @@ def test_home_is_private_persistent_and_wiped_by_fresh(nsbox):
 
 
 def test_two_runs_with_the_same_name_at_once(nsbox, env, project):
-    import subprocess
-    import time
-
-    from conftest import NSBOX
-
     first = subprocess.Popen([*NSBOX, "run", "--name", "same", str(project), "--", "sh", "-c",
                               f"touch {project}/ready; sleep 5"], env=env, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (project / "ready").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_file(project / "ready")
         r = nsbox("--name", "same", cmd=["true"])
         assert r.returncode == 125
         assert r.stderr.startswith("nsbox: config.claim: ") and "in use by another nsbox" in r.stderr, r.stderr

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import NSBOX
-from test_image_run import busybox_layout, imported  # noqa: F401 - fixtures
 
 from nsbox import probe
 from nsbox.layers import seccomp
@@ -67,7 +66,7 @@ def test_an_fd_the_caller_leaked_is_not_kept_across_execve(env, project, tmp_pat
     assert rows_of(r)[1]["execve", "fds kept across execve"]["actual"] == "0 1 2"
 
 
-def test_every_check_holds_with_the_busybox_image(env, project, imported):  # noqa: F811
+def test_every_check_holds_with_the_busybox_image(env, project, imported):
     r = verify(env, project, "--image", "busybox", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     _, rows = rows_of(r)

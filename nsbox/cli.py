@@ -351,6 +351,35 @@ def doctor(as_json: bool) -> None:
     sys.exit(0 if report["ok"] else 1)
 
 
+@main.group()
+def seccomp() -> None:
+    """Seccomp profiles as data: the rules and their reasons, libseccomp's PFC, the BPF, OCI JSON."""
+
+
+@seccomp.command("show")
+@click.argument("profile", default="default")
+@click.option("--pfc", "form", flag_value="pfc", help="libseccomp's pseudo filter code.")
+@click.option("--bpf", "form", flag_value="bpf", help="The compiled classic BPF, raw bytes on stdout.")
+@click.option("--oci", "form", flag_value="oci", help="The profile as OCI linux.seccomp JSON.")
+def seccomp_show(profile: str, form: str | None) -> None:
+    """Show PROFILE (default, permissive, or a TOML/JSON file): rules with their why by default."""
+    from nsbox.layers import seccomp as layer
+
+    try:
+        path = layer.resolve_profile(profile)
+        if form == "pfc":
+            click.echo(layer.export_pfc(layer.load_profile(path)), nl=False)
+        elif form == "bpf":
+            sys.stdout.buffer.write(layer.plan(path).bpf)
+        elif form == "oci":
+            click.echo(json.dumps(layer.to_oci(layer.load_profile(path)), indent=2))
+        else:
+            for line in layer.plan(path).describe():
+                click.echo(line)
+    except StepError as e:
+        _fail(e)
+
+
 # ---- nsbox image ------------------------------------------------------------------------
 
 

@@ -684,3 +684,45 @@ def install(plan: SeccompPlan) -> None:  # role: AGENT, the very last step befor
     """Load the finished BPF with seccomp(2). No libseccomp here; no_new_privs is already set."""
     with acting("seccomp.install", f"seccomp(SECCOMP_SET_MODE_FILTER, {plan.instructions} instructions)"):
         syscalls.install_seccomp_filter(plan.bpf)
+
+
+# ---------------------------------------------------------------------------------------
+# The profile as OCI `linux.seccomp` JSON (nsbox seccomp show --oci), for comparison with
+# what runc, crun, podman or Docker would be given
+# ---------------------------------------------------------------------------------------
+
+_OCI_ACTION_NAMES = {kind: name for name, kind in _OCI_ACTIONS.items() if name != "SCMP_ACT_KILL"}
+
+
+def _oci_action_fields(action: Action, key: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {key: _OCI_ACTION_NAMES[action.kind]}
+    if action.kind == "errno" and action.errno is not None:
+        fields["defaultErrnoRet" if key == "defaultAction" else "errnoRet"] = action.errno
+    return fields
+
+
+def to_oci(profile: Profile) -> dict[str, Any]:
+    """The profile in the OCI runtime spec's `linux.seccomp` shape (native architecture only).
+
+    It exports the rules exactly as nsbox hands them to libseccomp: exceptions already
+    made disjoint (an unconditional rule becomes the masked_eq patterns no exception
+    matches), because OCI runtimes give overlapping entries no order. Our masked_eq
+    (arg & mask) == value is SCMP_CMP_MASKED_EQ with value=mask and valueTwo=value; each
+    entry's `comment` is its rule's `why`.
+    """
+    why = {rule.number: rule.why for rule in profile.rules}
+    syscalls = []
+    for e in _resolve(profile)[0]:
+        entry: dict[str, Any] = {"names": [e.name], **_oci_action_fields(e.action, "action")}
+        if e.conditions:
+            entry["args"] = [
+                {"index": c.index, "op": f"SCMP_CMP_{c.op.upper()}",
+                 "value": c.mask if c.op == "masked_eq" else c.value,
+                 "valueTwo": c.value if c.op == "masked_eq" else 0}
+                for c in e.conditions
+            ]
+        if why.get(e.rule):
+            entry["comment"] = why[e.rule]
+        syscalls.append(entry)
+    return {**_oci_action_fields(profile.default_action, "defaultAction"),
+            "architectures": [f"SCMP_ARCH_{_MACHINE.upper()}"], "syscalls": syscalls}

@@ -77,8 +77,8 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
         click.option("--memory", metavar="SIZE", help="Memory limit (cgroup memory.max, no swap), e.g. 2G."),
         click.option("--cpus", "--cpu", "cpus", metavar="N", help="CPU limit, fractional (cgroup cpu.max), e.g. 1.5."),
         click.option("--pids", metavar="N", help="Process and thread limit (cgroup pids.max)."),
-        click.option("--limits", "limits_mode", type=click.Choice(["strict", "best-effort"]), default="strict",
-                     show_default=True, help="strict: refuse a limit no cgroup can enforce; best-effort: accept "
+        click.option("--limits", "limits_mode", type=click.Choice(["strict", "best-effort"]),
+                     help="strict (default): refuse a limit no cgroup can enforce; best-effort: accept "
                      "weaker rlimits (said in the plan and the report)."),
         click.option("--pull", type=click.Choice(["missing", "always", "never"]), default="missing",
                      show_default=True, help="With --image: pull from its registry when missing from the store "
@@ -161,6 +161,9 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool
     def on_event(event: dict[str, Any]) -> None:
         if verbose and event.get("event") == "step.ok":
             click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
+        if event.get("event") == "limits":
+            for line in event["lines"] if verbose else event["weaker"]:
+                click.echo(f"nsbox: {'limit' if verbose else 'warning'}: {line}", err=True)
         if log_file is not None:
             log_file.write(redact(event, secrets) + "\n")
 
@@ -175,6 +178,12 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool
             log_file.close()
     if result.error:
         click.echo(result.error, err=True)
+    if verbose and result.usage:
+        u = result.usage
+        peak = f"{u['memory_peak'] / 2**20:.1f} MiB" if u.get("memory_peak") is not None else "unknown"
+        cpu = f"{(u.get('cpu_usec') or 0) / 1e6:.2f}s"
+        click.echo(f"nsbox: usage ({u['mechanism']}): cpu {cpu}, peak memory {peak}, "
+                   f"oom kills {u.get('oom_kills', 0)}, pids-limit hits {u.get('pids_max_hits', 0)}", err=True)
     for violation in result.violations:  # for the user, and for an agent that reads our stderr
         click.echo(f"nsbox: {violation['message']}", err=True)
     if as_json:  # for CI runners: one object, the last line of stdout
@@ -193,10 +202,6 @@ def _reexec_in_a_delegated_scope_if_needed(spec: SandboxSpec) -> None:
     if spec.memory is None and spec.cpus is None and spec.pids is None:
         return
     plan = cgroups.plan(spec.memory, spec.cpus, spec.pids, best_effort=True)
-    if spec.limits == "best-effort":
-        for limit in plan.limits:
-            if limit.mechanism in (cgroups.RLIMITS, cgroups.NONE):
-                click.echo(f"nsbox: warning: {plan.describe()[plan.limits.index(limit)]}", err=True)
     argv = cgroups.scope_reexec_argv([sys.executable, "-m", "nsbox", *sys.argv[1:]])
     if plan.backend == cgroups.SCOPE and argv is not None:
         sys.stdout.flush()

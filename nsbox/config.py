@@ -147,6 +147,13 @@ CONFIG_KEYS: dict[str, type] = {
     "network_for_commands": str,  # default --network for any other command ("none")
     "seccomp_profile": str,
     "api_key_mode": str,
+    # Default limits, written as on the command line ("2G", "1.5", "30m"); flags win.
+    "memory": str,
+    "cpus": str,
+    "pids": str,
+    "timeout": str,
+    "disk": str,
+    "limits": str,  # "strict" or "best-effort"
 }
 
 

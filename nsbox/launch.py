@@ -18,6 +18,7 @@ orderings that matter for security.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsbox import config, net, probe, process, syscalls, terminal
+from nsbox import config, limits, net, probe, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
 from nsbox.image import registry as image_registry
 from nsbox.image import store as image_store
@@ -182,6 +183,24 @@ class ImageRoot:
     upper: str
 
 
+def _with_config_defaults(spec: SandboxSpec, settings: dict[str, object]) -> SandboxSpec:
+    """Limits from config.toml where the command line gave none (parsed as strictly as flags)."""
+    def get(key: str) -> str | None:
+        value = settings.get(key)
+        return str(value) if value is not None else None
+
+    memory, cpus, pids, timeout, disk = (get(k) for k in ("memory", "cpus", "pids", "timeout", "disk"))
+    return dataclasses.replace(
+        spec,
+        memory=spec.memory if spec.memory is not None or memory is None else limits.parse_size(memory),
+        cpus=spec.cpus if spec.cpus is not None or cpus is None else limits.parse_cpus(cpus),
+        pids=spec.pids if spec.pids is not None or pids is None else limits.parse_pids(pids),
+        timeout=spec.timeout if spec.timeout is not None or timeout is None else limits.parse_duration(timeout),
+        disk=spec.disk if spec.disk is not None or disk is None else limits.parse_size(disk),
+        limits=spec.limits or get("limits"),
+    )
+
+
 def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, home_source: str,
                image: ImageRoot | None = None) -> Plans:
     """Every layer's plan, from the spec. Pure apart from reading host paths, $PATH and
@@ -232,8 +251,10 @@ class Outcome:
     events: list[dict[str, Any]] = field(default_factory=list)
     timed_out: bool = False
     usage: dict[str, Any] | None = None  # what the cgroup counted (peak memory, CPU, OOM kills...)
+    rusage: Any = None  # the holder's wait4 rusage: the whole sandbox, since every level reaps
     probe: list[dict[str, Any]] | None = None  # nsbox verify: the checks from inside
     kill_rules: tuple[str, ...] = ()  # the `why` of each seccomp rule that kills, for a SIGSYS report
+    timeout: float | None = None  # the --timeout in force (from the flag or config.toml)
 
     @property
     def exit_code(self) -> int:
@@ -254,7 +275,7 @@ NAMESPACES = (CloneFlag.CLONE_NEWNS | CloneFlag.CLONE_NEWIPC | CloneFlag.CLONE_N
 def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: bool, events: EventLog) -> Outcome:
     step = Steps(LAUNCHER, None, spec.trace, events)
     with step("spec.validate"):
-        spec = spec.resolved()
+        spec = _with_config_defaults(spec, config.load_config()).resolved()
     assert spec.name is not None
     with contextlib.ExitStack() as held:
         with step("config.prepare_home"):
@@ -273,6 +294,10 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
             plans = make_plans(spec, command, stdin_is_tty, str(home), image)
         if spec.trace:
             events.append({"event": "plan", "t": time.time(), "layers": dict(plans.describe())})
+        if plans.cgroups.limits:  # which mechanism enforces each limit, said before the run
+            events.append({"event": "limits", "t": time.time(), "lines": plans.cgroups.describe(),
+                           "weaker": [line for line in plans.cgroups.describe()
+                                      if "WEAKER" in line or "NOT ENFORCED" in line]})
         with step("cgroups.create"):
             cg = cgroups.create(plans.cgroups)
             if cg is not None:
@@ -289,7 +314,7 @@ def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | No
         holder_pid = process.fork_role("holder", lambda: holder(plans, theirs, errors), errors)
     theirs.close()
     errors.close_write()
-    outcome = Outcome(events=events)
+    outcome = Outcome(events=events, timeout=spec.timeout)
     if plans.seccomp is not None:
         outcome.kill_rules = tuple(r.why for r in plans.seccomp.rules if r.action.startswith("kill"))
     mine.events = events  # children's step events land in the same log, as they arrive
@@ -320,11 +345,12 @@ def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | No
     finally:
         if proxy is not None:
             proxy.stop()
-        status = holder_status if holder_status is not None else os.waitpid(holder_pid, 0)[1]
+        if holder_status is None:
+            _, holder_status, outcome.rusage = os.wait4(holder_pid, 0)
+        status = holder_status
         step.skip_to("cgroups.report")  # a failed launch skipped supervise: report all the same
         with step("cgroups.report"):
-            if cg is not None:
-                outcome.usage = cgroups.usage(cg)
+            outcome.usage = cgroups.usage(cg) if cg is not None else _rusage_report(outcome.rusage)
         mine.close()
         for err in errors.read_all():
             outcome.error = outcome.error or err
@@ -491,9 +517,9 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
                 for fd in writable:
                     if relay is not None:
                         relay.on_writable(fd)
-                pid, status = os.waitpid(holder_pid, os.WNOHANG)
+                pid, status, rusage = os.wait4(holder_pid, os.WNOHANG)
                 if pid != 0:
-                    holder_status = status
+                    holder_status, outcome.rusage = status, rusage
             if relay is not None:
                 relay.drain()
             while chan_open:  # the last messages (agent-exit) may still be queued
@@ -508,6 +534,19 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _rusage_report(rusage: Any) -> dict[str, Any] | None:
+    """Without a cgroup: CPU time and the largest process's peak RSS, from wait4(2).
+
+    Each level reaps its children (init every orphan, the holder init), so the holder's
+    rusage counts every process of the sandbox. Peak memory is per process, not summed.
+    """
+    if rusage is None:
+        return None
+    user, system = round(rusage.ru_utime * 1e6), round(rusage.ru_stime * 1e6)
+    return {"mechanism": "rusage", "memory_peak": rusage.ru_maxrss * 1024, "cpu_usec": user + system,
+            "cpu_user_usec": user, "cpu_system_usec": system, "oom_kills": 0, "pids_max_hits": 0, "sentence": None}
 
 
 def _on_timeout(outcome: Outcome, init_pid: int, grace: float, cg: cgroups.Cgroup | None) -> float | None:

@@ -101,7 +101,7 @@ class Sandbox:
         if outcome.error is not None:
             outcome.events.append({"event": "step.fail", "step": outcome.error.step,
                                    "error": outcome.error.headline()})
-        found = events.violations(sig, outcome.timed_out, self.spec.timeout, outcome.usage, list(outcome.events),
+        found = events.violations(sig, outcome.timed_out, outcome.timeout, outcome.usage, list(outcome.events),
                                   outcome.kill_rules)
         for v in found:
             outcome.events.append({"event": "violation", **v})

@@ -59,7 +59,7 @@ class SandboxSpec:
     memory: int | None = None  # bytes (cgroup memory.max, swap 0)
     cpus: float | None = None  # CPUs (cgroup cpu.max)
     pids: int | None = None  # processes and threads (cgroup pids.max)
-    limits: str = "strict"  # strict: refuse a limit no cgroup can enforce; best-effort: accept rlimits
+    limits: str | None = None  # strict (default): refuse a limit no cgroup can enforce; best-effort: rlimits
     probe: bool = False  # nsbox verify: run the self-checks in the agent instead of the command
     trace: bool = False  # report every step as an event (--verbose, --log)
     seccomp_profile: str | None = None  # "default", "permissive", or a TOML/JSON file
@@ -99,7 +99,7 @@ class SandboxSpec:
             raise usage_error("spec.validate", "--timeout must be positive")
         if self.disk is not None and self.disk < 1 << 20:
             raise usage_error("spec.validate", "--disk must be at least 1M")
-        if self.limits not in ("strict", "best-effort"):
+        if self.limits not in (None, "strict", "best-effort"):
             raise usage_error("spec.validate", f"--limits {self.limits!r}", fix="--limits strict or best-effort")
         if self.pull not in PULL_POLICIES:
             raise usage_error("spec.validate", f"--pull {self.pull!r} is not a pull policy",

@@ -42,3 +42,24 @@ def test_bad_limit_values_are_refused_before_anything_runs(nsbox, project):
         assert r.returncode == 125, (args, r.stderr)
         assert r.stderr.startswith("nsbox: spec.validate: "), r.stderr
     assert not (project / "ran").exists()
+
+
+def test_config_toml_gives_default_limits_and_flags_win(nsbox, env, project):
+    from pathlib import Path
+
+    conf = Path(env["XDG_CONFIG_HOME"]) / "nsbox"
+    conf.mkdir(parents=True)
+    (conf / "config.toml").write_text('timeout = "1s"\ndisk = "8M"\n')
+    r = nsbox(cmd=sh("dd if=/dev/zero of=/tmp/big bs=1M count=16 2>&1; sleep 30"))
+    assert r.returncode == 124 and "No space left on device" in r.stdout
+    assert nsbox("--timeout", "30s", cmd=sh("sleep 2; exit 5")).returncode == 5  # the flag wins
+    (conf / "config.toml").write_text('timeout = "soon"\n')
+    r = nsbox(cmd=["true"])
+    assert r.returncode == 125 and r.stderr.startswith("nsbox: spec.validate: "), r.stderr
+
+
+def test_verbose_reports_usage(nsbox):
+    r = nsbox("--verbose", cmd=sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"))
+    assert r.returncode == 0
+    line = [x for x in r.stderr.splitlines() if x.startswith("nsbox: usage (")][0]
+    assert "cpu " in line and "peak memory" in line

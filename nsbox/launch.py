@@ -25,16 +25,18 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nsbox import config, limits, net, probe, process, syscalls, terminal
+from nsbox import config, limits, probe, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
-from nsbox.image import registry as image_registry
-from nsbox.image import store as image_store
 from nsbox.layers import caps, cgroups, execve, landlock, mountns, netns, nnp, pidns, seccomp, userns, utsns
 from nsbox.process import AgentStatus, Channel, ErrorPipe
 from nsbox.spec import SandboxSpec
 from nsbox.syscalls import CloneFlag
+
+if TYPE_CHECKING:  # imported where used: a run without --image or a proxy never loads them
+    from nsbox import net
+    from nsbox.image import store as image_store
 
 LAUNCHER, HOLDER, INIT, AGENT = "launcher", "holder", "init", "agent"
 
@@ -286,6 +288,11 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
             if spec.image:
                 # Pulled per --pull (threads are safe: nothing has forked yet), then by digest:
                 # unpacked once per image (cached), and marked in use until the run ends.
+                # Launcher-only modules, loaded here because only --image needs them
+                # (http, ssl, tar: 40+ ms a run). The children never import them.
+                from nsbox.image import registry as image_registry
+                from nsbox.image import store as image_store
+
                 ref = image_registry.ensure(spec.image, spec.pull)
                 rootfs = held.enter_context(image_store.use_rootfs(ref))
                 image = ImageRoot(str(rootfs), image_store.image_config(ref),

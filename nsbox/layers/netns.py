@@ -29,11 +29,14 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute  # untyped library (mypy override in pyproject.toml); used here only
 
-from nsbox import net
 from nsbox.errors import acting, usage_error
+
+if TYPE_CHECKING:
+    from nsbox import net
 
 PROXY_PORT = 3128  # inside the sandbox's own network namespace: no clash with the host
 # Without an allowed-domains.txt, the agent may reach its API and nothing else.
@@ -78,6 +81,10 @@ def plan(mode: str, allow_domains: tuple[str, ...], resolve: tuple[str, ...], ap
             raise usage_error("spec.validate", "--allow-domain and --resolve need --network allowlist",
                               fix="add --network allowlist")
         return NetNsPlan(mode)
+    # nsbox.net (the proxy: http parsing, ssl, threads) is the launcher's alone, and only
+    # in allowlist mode: loaded here, not at import, so other runs start faster.
+    from nsbox import net
+
     path = config_dir / "allowed-domains.txt"
     if path.exists():
         rules, source = net.parse_rules_file(path), str(path)
@@ -101,6 +108,8 @@ def environment(p: NetNsPlan) -> dict[str, str]:
     """What the agent's environment needs for this mode (proxy variables, placeholder key)."""
     if p.proxy is None:
         return {}
+    from nsbox import net  # loaded by plan() already; allowlist mode only
+
     env = net.proxy_env(PROXY_PORT)
     if p.proxy.api is not None:
         env.update(net.api_key_env())
@@ -131,6 +140,8 @@ def open_proxy_socket(p: NetNsPlan) -> socket.socket | None:
 def serve(p: NetNsPlan, fd: int, on_event: net.EventSink) -> net.ProxyServer:
     """Role LAUNCHER, after its last fork: serve the socket init passed over (threads)."""
     assert p.proxy is not None
+    from nsbox import net  # loaded by plan() already, before any fork
+
     server = net.ProxyServer(socket.socket(fileno=fd), p.proxy, on_event)
     server.start()
     return server

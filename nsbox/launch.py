@@ -366,6 +366,10 @@ def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | No
             # memory.oom.group: the OOM killer took the whole sandbox, init with the agent
             # (and perhaps the holder), so no agent-exit message came: the agent got SIGKILL.
             outcome.status = AgentStatus(ExitCode.SIGNAL_BASE + signal.SIGKILL, signal.SIGKILL)
+        if outcome.status is None and outcome.timed_out and outcome.error is None:
+            # The timeout's SIGKILL (cgroup.kill with a cgroup) took init before it could
+            # report: the agent's status is that SIGKILL, the result is 124.
+            outcome.status = AgentStatus(ExitCode.SIGNAL_BASE + signal.SIGKILL, signal.SIGKILL)
         if outcome.status is None and outcome.error is None:
             outcome.error = StepError("process.supervise", "wait for the sandbox",
                                       detail=f"it ended without a status (holder: {process.exit_code_of(status)})")

@@ -84,6 +84,15 @@ class Upstream(BaseHTTPRequestHandler):
                 self.wfile.write(block[:n])
                 size -= n
             return
+        if self.path.startswith("/keyed/"):
+            # The key it was sent, many times over a long body: masking across reads.
+            unit = b"<" + self.headers.get("x-api-key", "").encode() + b">" + b"." * 997
+            payload = unit * int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
         if self.path == "/chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -570,6 +579,21 @@ def test_many_concurrent_connections():
         for i, s in enumerate(socks):
             assert s.recv(100) == b"ping %d" % i
             s.close()
+
+
+def test_api_key_is_masked_in_a_long_body_read_in_bulk(cert):
+    # 2.1 MB: past the small buffer, so the key straddles reads of the big one too.
+    with http_upstream(server_tls(cert)) as (port, _), running(
+        (f"api.anthropic.com:{port}",), (f"api.anthropic.com:{port}:127.0.0.1",), **injection_config(port, cert[0])
+    ) as p:
+        c = via_proxy(p)
+        c.request("GET", "http://api.anthropic.com/keyed/2000", headers={"x-api-key": PLACEHOLDER})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+    unit = b"<" + b"*" * len(REAL_KEY) + b">" + b"." * 997
+    assert r.status == 200 and REAL_KEY.encode() not in body
+    assert body == unit * 2000
 
 
 def test_large_download_streams_in_bounded_memory():

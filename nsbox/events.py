@@ -48,10 +48,19 @@ def _allow_hint(e: dict[str, Any]) -> str:
 
 def violations(signal_number: int | None, timed_out: bool, timeout: float | None,
                usage: dict[str, Any] | None, events: list[dict[str, Any]],
-               kill_rules: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+               kill_rules: tuple[str, ...] = (), seccomp_kills: list[dict[str, Any]] | None = None,
+               ) -> list[dict[str, Any]]:
     """The distinct things the sandbox refused or stopped during a run, each with a sentence."""
     found: list[dict[str, Any]] = []
-    if signal_number == signal.SIGSYS:
+    named: set[tuple[str, str]] = set()
+    for k in seccomp_kills or []:
+        if (k["syscall"], k["abi"]) in named:
+            continue
+        named.add((k["syscall"], k["abi"]))
+        who = "the agent" if k.get("pid") is not None and signal_number == signal.SIGSYS else "a process"
+        found.append({"kind": "seccomp", "syscall": k["syscall"], "abi": k["abi"], "message":
+                      f"{who} was killed by seccomp (SIGSYS) for {k['syscall']} ({k['abi']} ABI): {k['why']}"})
+    if signal_number == signal.SIGSYS and not named:
         why = "; rules that kill: " + "; ".join(kill_rules) if kill_rules else ""
         found.append({"kind": "seccomp", "message":
                       "the agent was killed by seccomp (SIGSYS): it made a system call the profile kills, such as "

@@ -257,6 +257,7 @@ class Outcome:
     probe: list[dict[str, Any]] | None = None  # nsbox verify: the checks from inside
     kill_rules: tuple[str, ...] = ()  # the `why` of each seccomp rule that kills, for a SIGSYS report
     timeout: float | None = None  # the --timeout in force (from the flag or config.toml)
+    seccomp_kills: list[dict[str, Any]] = field(default_factory=list)  # calls the filter killed, named
 
     @property
     def exit_code(self) -> int:
@@ -348,7 +349,7 @@ def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | No
                             {**e, "t": time.time()}))
                 with step("process.supervise"):
                     holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), pty_fd, outcome,
-                                               spec.timeout, spec.timeout_grace, cg)
+                                               spec.timeout, spec.timeout_grace, cg, plans.seccomp)
     finally:
         if proxy is not None:
             proxy.stop()
@@ -458,7 +459,9 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
             landlock.restrict(plans.landlock)
     with step("seccomp.install"):
         if plans.seccomp is not None:
-            seccomp.install(plans.seccomp)
+            listener = seccomp.install(plans.seccomp)
+            chan.send("seccomp-listener", (listener,))  # the launcher carries out and names kills
+            os.close(listener)
     with step("probe.run"):
         if plans.spec.probe:
             chan.send("probe", (), rows=probe.run(plans))
@@ -469,7 +472,8 @@ def agent(plans: Plans, chan: Channel, tty_fd: int | None) -> int:
 
 
 def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None, outcome: Outcome,
-               timeout: float | None, grace: float, cg: cgroups.Cgroup | None) -> int:
+               timeout: float | None, grace: float, cg: cgroups.Cgroup | None,
+               seccomp_plan: seccomp.SeccompPlan | None) -> int:
     """Role LAUNCHER, after sync 3: relay the terminal, forward signals, collect the status.
 
     One select loop in the main thread (the proxy, if any, has its own threads). With a
@@ -478,6 +482,7 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
     namespace. Returns the holder's wait status.
     """
     deadline = time.monotonic() + timeout if timeout is not None else None
+    supervisor: seccomp.Supervisor | None = None  # from the agent, with its filter's listener
     relay = terminal.Relay(pty_fd) if pty_fd is not None else None
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -492,6 +497,7 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
             chan_open = True
             while holder_status is None:
                 readers = [wake_r] + ([chan.sock.fileno()] if chan_open else [])
+                readers += [supervisor.fd] if supervisor is not None else []
                 writers: list[int] = []
                 if relay is not None:
                     readers += relay.read_fds()
@@ -511,8 +517,12 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
                             elif signum not in (signal.SIGCHLD, signal.SIGWINCH):
                                 with contextlib.suppress(ProcessLookupError):
                                     os.kill(init_pid, signum)
+                    elif supervisor is not None and fd == supervisor.fd:
+                        supervisor.handle()  # a kill decided by the filter: carry it out, name it
                     elif fd == chan.sock.fileno():
                         msg, extra = chan.receive()
+                        if msg["kind"] == "seccomp-listener" and extra and seccomp_plan is not None:
+                            supervisor = seccomp.Supervisor(extra.pop(0), seccomp_plan)
                         for f in extra:
                             os.close(f)
                         if msg["kind"] == "eof":
@@ -535,11 +545,16 @@ def _supervise(chan: Channel, holder_pid: int, init_pid: int, pty_fd: int | None
                 relay.drain()
             while chan_open:  # the last messages (agent-exit) may still be queued
                 msg, extra = chan.receive() if select.select([chan.sock], [], [], 0)[0] else ({"kind": "eof"}, [])
+                for f in extra:
+                    os.close(f)
                 if msg["kind"] == "agent-exit":
                     outcome.status = AgentStatus.from_wait_status(int(msg["status"]))
                 chan_open = msg["kind"] != "eof"
             return holder_status
     finally:
+        if supervisor is not None:
+            outcome.seccomp_kills = supervisor.kills
+            supervisor.close()
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)

@@ -102,7 +102,7 @@ class Sandbox:
             outcome.events.append({"event": "step.fail", "step": outcome.error.step,
                                    "error": outcome.error.headline()})
         found = events.violations(sig, outcome.timed_out, outcome.timeout, outcome.usage, list(outcome.events),
-                                  outcome.kill_rules)
+                                  outcome.kill_rules, outcome.seccomp_kills)
         for v in found:
             outcome.events.append({"event": "violation", **v})
         return Result(outcome.exit_code, sig, error, frozenset(flags), tuple(outcome.events),

@@ -176,10 +176,12 @@ def scrub_own_argv_and_environ(title: str) -> None:
     ctypes.memmove(arg_start, raw, len(raw))
 
 
-def install_seccomp_filter(bpf: bytes) -> None:
+def install_seccomp_filter(bpf: bytes, listener: bool = False) -> int:
     """Load a finished classic-BPF program with seccomp(SECCOMP_SET_MODE_FILTER).
 
-    No libseccomp here: the program was compiled in the launcher before any fork.
+    No libseccomp here: the program was compiled in the launcher before any fork. With
+    `listener`, SECCOMP_FILTER_FLAG_NEW_LISTENER: the call returns the fd on which the
+    filter's SECCOMP_RET_USER_NOTIF decisions arrive (seccomp_unotify(2)); else -1.
     """
 
     class SockFprog(ctypes.Structure):
@@ -187,9 +189,10 @@ def install_seccomp_filter(bpf: bytes) -> None:
 
     buf = ctypes.create_string_buffer(bpf, len(bpf))
     prog = SockFprog(len(bpf) // 8, ctypes.addressof(buf))
-    seccomp_set_mode_filter, no_flags = 1, 0
-    _check(_syscall("seccomp", ctypes.c_uint(seccomp_set_mode_filter), ctypes.c_uint(no_flags),
-                    ctypes.byref(prog)), "seccomp")
+    seccomp_set_mode_filter, flag_new_listener = 1, 1 << 3
+    ret = _check(_syscall("seccomp", ctypes.c_uint(seccomp_set_mode_filter),
+                          ctypes.c_uint(flag_new_listener if listener else 0), ctypes.byref(prog)), "seccomp")
+    return ret if listener else -1
 
 
 # --- Landlock (landlock(7)) and libseccomp's version: appended for the privilege layers ---

@@ -61,5 +61,5 @@ def test_config_toml_gives_default_limits_and_flags_win(nsbox, env, project):
 def test_verbose_reports_usage(nsbox):
     r = nsbox("--verbose", cmd=sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"))
     assert r.returncode == 0
-    line = [x for x in r.stderr.splitlines() if x.startswith("nsbox: usage (")][0]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("nsbox: usage ("))
     assert "cpu " in line and "peak memory" in line

@@ -105,6 +105,26 @@ def test_other_abis_are_killed(nsbox, project, variant):
     r = nsbox(cmd=[str(project / "abi")])
     assert r.returncode == 128 + 31, (r.returncode, r.stdout)  # SIGSYS
     assert "survived" not in r.stdout
+    # The launcher carried out the kill (seccomp user notification) and names the call.
+    abi = "i386" if variant == "int80" else "x32"
+    assert (f"nsbox: the agent was killed by seccomp (SIGSYS) for getpid ({abi} ABI): only the native x86_64 "
+            "ABI is allowed") in r.stderr.splitlines(), r.stderr
+
+
+def test_a_kill_rule_names_the_call_and_quotes_its_why(nsbox):
+    code = "import os\nos.getpriority(os.PRIO_PROCESS, 0)\nprint('survived')"
+    r = nsbox("--seccomp-profile", str(PROFILES / "kill_getpriority.toml"), cmd=["/usr/bin/python3", "-c", code])
+    assert r.returncode == 128 + 31 and "survived" not in r.stdout
+    assert ("nsbox: the agent was killed by seccomp (SIGSYS) for getpriority (x86_64 ABI): getpriority is "
+            "forbidden by this test profile") in r.stderr.splitlines(), r.stderr
+
+
+def test_a_program_that_catches_sigsys_is_still_killed_and_the_call_never_runs(nsbox):
+    code = ("import os, signal\nsignal.signal(signal.SIGSYS, lambda *a: print('caught'))\n"
+            "os.getpriority(os.PRIO_PROCESS, 0)\nprint('survived')")
+    r = nsbox("--seccomp-profile", str(PROFILES / "kill_getpriority.toml"), cmd=["/usr/bin/python3", "-c", code])
+    assert r.returncode == 128 + 9 and "survived" not in r.stdout and "caught" not in r.stdout
+    assert "for getpriority (x86_64 ABI)" in r.stderr
 
 
 def test_real_work_runs_under_the_default_profile(nsbox, project):

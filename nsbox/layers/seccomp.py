@@ -43,10 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import signal
+import struct
 import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -66,9 +69,10 @@ BUILTIN_DIR = Path(__file__).resolve().parents[2] / "seccomp"
 DEFAULT_PROFILE = BUILTIN_DIR / "default.toml"
 
 # Bump when the translation from profile to rules changes, so old cached BPF is not reused.
-_COMPILER_VERSION = "nsbox-seccomp-1"
+_COMPILER_VERSION = "nsbox-seccomp-2"  # 2: kills go through SECCOMP_RET_USER_NOTIF (named in reports)
 
 _MACHINE = platform.machine()
+_NATIVE_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(_MACHINE, 0)
 # Docker/OCI profiles name architectures the Go way ("amd64") in `includes.arches`.
 _GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64", "s390x": "s390x",
             "ppc64le": "ppc64le"}.get(_MACHINE, _MACHINE)
@@ -108,8 +112,10 @@ class Action:
         if self.kind == "errno":
             return int(pyseccomp.ERRNO(self.errno if self.errno is not None else errno_mod.EPERM))
         return int({
-            "allow": pyseccomp.ALLOW, "kill_process": pyseccomp.KILL_PROCESS,
-            "kill_thread": pyseccomp.KILL_THREAD, "trap": pyseccomp.TRAP, "log": pyseccomp.LOG,
+            # Kills are decided by the filter and carried out by the launcher, which is told
+            # the call (seccomp_unotify(2)) and can name it; see Supervisor below.
+            "allow": pyseccomp.ALLOW, "kill_process": pyseccomp.NOTIFY,
+            "kill_thread": pyseccomp.NOTIFY, "trap": pyseccomp.TRAP, "log": pyseccomp.LOG,
         }[self.kind])
 
 
@@ -496,8 +502,9 @@ def _apply_exceptions(path: Path, emitted: list[Emitted]) -> list[Emitted]:
 
 def _new_filter(profile: Profile, emitted: list[Emitted]) -> Any:
     f = pyseccomp.SyscallFilter(profile.default_action.to_libseccomp())
-    # Only the native architecture is in the filter; any other ABI kills the whole process.
-    f.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    # Only the native architecture is in the filter; any other ABI kills the whole process
+    # (through the launcher, which names the call: Supervisor).
+    f.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.NOTIFY)
     # A binary tree over syscall numbers (libseccomp >= 2.5); an older one builds a linear
     # list instead: the same decisions, just slower.
     with contextlib.suppress(OSError):
@@ -680,10 +687,84 @@ def plan(profile: Path | None = None, *, cache: Path | None = None) -> SeccompPl
     )
 
 
-def install(plan: SeccompPlan) -> None:  # role: AGENT, the very last step before execve
-    """Load the finished BPF with seccomp(2). No libseccomp here; no_new_privs is already set."""
-    with acting("seccomp.install", f"seccomp(SECCOMP_SET_MODE_FILTER, {plan.instructions} instructions)"):
-        syscalls.install_seccomp_filter(plan.bpf)
+def install(plan: SeccompPlan) -> int:  # role: AGENT, the very last step before execve
+    """Load the finished BPF with seccomp(2); return the listener fd for the launcher.
+
+    No libseccomp here; no_new_privs is already set. The filter's kill decisions arrive
+    on the listener (SECCOMP_FILTER_FLAG_NEW_LISTENER), which the agent hands to the
+    launcher before execve: a call waits there until the launcher has killed its caller.
+    """
+    action = f"seccomp(SECCOMP_SET_MODE_FILTER, FLAG_NEW_LISTENER, {plan.instructions} instructions)"
+    with acting("seccomp.install", action):
+        return syscalls.install_seccomp_filter(plan.bpf, listener=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The launcher's side: carrying out kills, and naming the call (seccomp_unotify(2))
+# ---------------------------------------------------------------------------------------
+
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif), 80 bytes
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp), 24 bytes
+_NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, data.nr, data.arch, data.ip, data.args[6]
+_RESP = struct.Struct("<QqiI")  # id, val, error, flags
+_AUDIT_ARCH = {0xC000003E: "x86_64", 0x40000003: "i386", 0xC00000B7: "aarch64", 0x40000028: "arm"}
+_X32_BIT = 0x40000000
+_SIGSYS_BIT = 1 << (signal.SIGSYS - 1)
+
+
+class Supervisor:
+    """Role LAUNCHER: receives the filter's kill decisions, kills, and says which call.
+
+    A kill_process rule or a call from another ABI stops its caller in the kernel until
+    this answers. The launcher sends SIGSYS, as SECCOMP_RET_KILL_PROCESS would (SIGKILL if
+    the program catches, ignores or blocks SIGSYS), then refuses the call with ENOSYS: it
+    never runs. If the launcher is gone, the kernel refuses such calls with ENOSYS itself.
+    """
+
+    def __init__(self, fd: int, plan: SeccompPlan) -> None:
+        self.fd = fd
+        self.plan = plan
+        self.kills: list[dict[str, Any]] = []
+
+    def handle(self) -> None:
+        """One notification (the fd was readable)."""
+        buf = bytearray(_NOTIF.size)  # the kernel wants it zeroed
+        try:
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+        except OSError:
+            return  # the caller died meanwhile (ENOENT) or the filter is gone
+        notif_id, pid, _flags, nr, arch, *_ = _NOTIF.unpack(buf)
+        name, abi = self._name(nr, arch)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL if self._sigsys_handled(pid) else signal.SIGSYS)
+        with contextlib.suppress(OSError):  # ENOENT: the signal already ended it
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(notif_id, 0, -errno_mod.ENOSYS, 0))
+        native = arch == _NATIVE_AUDIT_ARCH and not nr & _X32_BIT
+        why = self.plan.why(name) if native else f"only the native {_MACHINE} ABI is allowed"
+        self.kills.append({"pid": pid, "syscall": name, "nr": nr, "abi": abi, "why": why or ""})
+
+    @staticmethod
+    def _name(nr: int, arch: int) -> tuple[str, str]:
+        abi = _AUDIT_ARCH.get(arch, hex(arch))
+        if arch == 0xC000003E and nr & _X32_BIT:
+            abi, nr = "x32", nr & ~_X32_BIT
+        try:
+            name = pyseccomp.resolve_syscall(arch, nr)
+            return (name.decode() if isinstance(name, bytes) else str(name)), abi
+        except Exception:
+            return f"syscall {nr}", abi
+
+    @staticmethod
+    def _sigsys_handled(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            return False
+        return any(int(fields.get(k, "0").strip(), 16) & _SIGSYS_BIT for k in ("SigBlk", "SigIgn", "SigCgt"))
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 # ---------------------------------------------------------------------------------------

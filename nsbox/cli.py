@@ -70,6 +70,7 @@ def _run_options(f: click.decorators.FC) -> click.decorators.FC:
                      help="Pin NAME:PORT to ADDR, as curl does (also allows private addresses for it)."),
         click.option("--seccomp-profile", metavar="NAME|FILE",
                      help="default, permissive, or a profile file (our TOML, or Docker/OCI JSON)."),
+        click.option("--no-landlock", is_flag=True, help="Opt out of Landlock (same as --without landlock)."),
         click.option("--without", "without", multiple=True, metavar="LAYER",
                      help="Study mode: run with LAYER removed (caps, landlock, seccomp). Loudly unsafe."),
         click.option("--image", metavar="REF", help="Use an image of the local store as / (an overlay: "
@@ -102,6 +103,8 @@ UNPROTECTED = {
 
 
 def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
+    if opts.pop("no_landlock") and "landlock" not in opts["without"]:
+        opts["without"] = (*opts["without"], "landlock")
     for layer in opts["without"]:
         if layer in UNPROTECTED:
             click.echo(f"nsbox: warning: --without {layer}: {UNPROTECTED[layer]}", err=True)

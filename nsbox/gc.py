@@ -40,6 +40,7 @@ from pathlib import Path
 from nsbox import config
 from nsbox.errors import StepError
 from nsbox.image.store import remove_tree
+from nsbox.layers import cgroups
 
 STEP = "gc"
 CACHE_TMP_AGE = 3600.0  # seconds: a seccomp cache temp file older than this is abandoned
@@ -142,4 +143,19 @@ def collect(dry_run: bool = False, now: float | None = None) -> Report:
     _store(data, dry_run, report)
     _sandboxes(data, dry_run, report)
     _cache(config.cache_home(), dry_run, report, time.time() if now is None else now)
+    _cgroups(dry_run, report)
     return report
+
+
+def _cgroups(dry_run: bool, report: Report) -> None:
+    """Empty cgroup leaves of killed launchers beneath this process's own cgroup v2 (the next
+    run with limits sweeps them too). Nothing is looked at elsewhere in the hierarchy."""
+    base = cgroups.probe().v2_base
+    if base is None:
+        return
+    if dry_run:
+        for entry in _entries(Path(base), "nsbox-"):
+            report.skipped.append((entry, "a cgroup leaf: removed only if its launcher is dead (not in --dry-run)"))
+        return
+    for path in cgroups.sweep_stale(base):
+        report.removed.append((Path(path), "an empty cgroup leaf of a killed launcher"))

@@ -358,6 +358,32 @@ def scope(delegated: str) -> Iterator[str]:
 
 
 @v2
+def test_v2_leaves_of_a_killed_launcher_are_removed_by_the_next_run(cli: Cli, scope: str, env: dict[str, str],
+                                                                     project: Path) -> None:
+    def start_in_scope() -> None:
+        with open(os.path.join(scope, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    ready = project / "ready"
+    victim = subprocess.Popen([sys.executable, "-m", "nsbox", "run", "--pids", "64", str(project), "--", "sh", "-c",
+                               f"touch {ready}; sleep 600"], env=env, preexec_fn=start_in_scope,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert time.monotonic() < deadline and victim.poll() is None
+        time.sleep(0.1)
+    victim.kill()  # SIGKILL: no chance to rmdir anything
+    victim.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(scope, d, "cgroup.procs").read_text() for d in nsbox_children(scope)):
+        assert time.monotonic() < deadline, "the sandbox outlived its launcher"
+        time.sleep(0.1)
+    assert nsbox_children(scope), "expected the killed launcher's leaves"
+    run = cli("--pids", "64", cmd=["true"], cgroup=scope)
+    assert run.returncode == 0, run.stderr  # and the scope fixture checks nothing is left
+
+
+@v2
 def test_v2_leaf_beneath_own_cgroup_then_removed(cli: Cli, scope: str) -> None:
     run = cli("--pids", "64", cmd=["cat", "/proc/self/cgroup"], cgroup=scope, audit=True)
     assert run.returncode == 0 and run.result["error"] is None, run.stderr

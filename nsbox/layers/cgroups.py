@@ -54,6 +54,7 @@ import contextlib
 import errno as errno_mod
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -444,10 +445,39 @@ def create(p: CgroupPlan) -> Cgroup | None:
     return None
 
 
+_STALE = re.compile(r"^nsbox-(?:launcher-(\d+)|(\d+)-\d+)$")
+
+
+def sweep_stale(base: str) -> list[str]:
+    """Remove the leaves a killed launcher left beneath `base`; return what went.
+
+    A launcher killed with SIGKILL cannot rmdir its leaves. They are empty once its
+    sandbox is gone (every process dies with the launcher), and named after its pid:
+    a leaf whose launcher is no longer alive and that holds no process is removed.
+    rmdir refuses a cgroup with processes or children anyway, so nothing in use goes.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            m = _STALE.match(entry.name)
+            if not m or not entry.is_dir(follow_symlinks=False):
+                continue
+            pid = int(m.group(1) or m.group(2))
+            if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+                continue  # ours, or a live launcher's (or a reused pid: left alone, to be safe)
+            try:
+                os.rmdir(entry.path)
+                removed.append(entry.path)
+            except OSError:
+                continue  # busy (EBUSY) or not ours to remove: left as it is
+    return removed
+
+
 def _create_v2(p: CgroupPlan) -> Cgroup:
     step, host = "cgroups.create", p.host
     assert host.v2_base is not None
     base = host.v2_base
+    sweep_stale(base)  # what a launcher killed earlier here could not remove
     launcher_leaf = None
     if host.v2_move_launcher:
         # No internal processes: nsbox leaves its cgroup for a leaf beneath it before

@@ -72,3 +72,34 @@ def test_an_image_rm_is_refused_while_a_sandbox_uses_it(imported, env, project):
     finally:
         p.kill()
         p.wait()
+
+
+def _hostile_image(env: dict[str, str], tmp_path: Path, name: str, extra: list) -> None:
+    """The busybox tree plus `extra` entries in a second layer, imported as NAME."""
+    from image_util import d, tar
+
+    from nsbox.image.layout import write_layout
+
+    layout = tmp_path / name
+    base = tar([d("etc"), d("tmp", 0o1777)])
+    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]}}
+    write_layout(layout, [base, tar(extra)], config, ref_name=f"{name}:latest")
+    r = subprocess.run([*NSBOX, "image", "import", str(layout)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_an_image_cannot_redirect_proc_dev_or_its_mount_points(env, nsbox, tmp_path, project):
+    from image_util import sym
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    # /proc as a symlink to a host path: refused, nothing created there.
+    _hostile_image(env, tmp_path, "evil-proc", [sym("proc", str(victim))])
+    r = nsbox("--image", "evil-proc", cmd=["/bin/true"])
+    assert r.returncode == 125 and r.stderr.startswith("nsbox: mountns.build_root: mount point '/proc'"), r.stderr
+    assert list(victim.iterdir()) == []
+    # /dev as a symlink: the same.
+    _hostile_image(env, tmp_path, "evil-dev", [sym("dev", str(victim))])
+    r = nsbox("--image", "evil-dev", cmd=["/bin/true"])
+    assert r.returncode == 125 and "mount point '/dev'" in r.stderr, r.stderr
+    assert list(victim.iterdir()) == []

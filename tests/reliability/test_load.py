@@ -2,8 +2,8 @@
 
 The sequential runs go through the public API (`Sandbox(spec).run`) in one driver process,
 so that whatever the launcher itself leaks (fds, threads, child processes, mounts, temp
-files) accumulates in a process we can measure. NSBOX_RELIABILITY_LONG=1: 500 runs and 64
-parallel sandboxes instead of 60 and 32.
+files) accumulates in a process we can measure. NSBOX_RELIABILITY_LONG=1: 2000 runs and 64
+parallel sandboxes instead of 500 and 32.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import rel_util as ru
 
 PARALLEL = ru.budget(32, 64)
-SEQUENTIAL = ru.budget(60, 500)
+SEQUENTIAL = ru.budget(500, 2000)  # 500 in CI, as issue 10 asks: about a minute here
 FILES = 100  # each parallel agent writes this many files into its project
 
 

@@ -164,6 +164,8 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool
     def on_event(event: dict[str, Any]) -> None:
         if verbose and event.get("event") == "step.ok":
             click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
+        if event.get("event") == "warning":
+            click.echo(f"nsbox: warning: {event['message']}", err=True)
         if event.get("event") == "limits":
             for line in event["lines"] if verbose else event["weaker"]:
                 click.echo(f"nsbox: {'limit' if verbose else 'warning'}: {line}", err=True)

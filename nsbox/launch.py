@@ -402,11 +402,13 @@ def init(plans: Plans, chan: Channel, errors: ErrorPipe) -> int:
     with step("mountns.enter_scratch"):
         mountns.enter_scratch(plans.mountns)
     with step("mountns.build_root"):
-        mountns.build_root(plans.mountns)
+        warning = mountns.build_root(plans.mountns)
+        if warning:  # reported, not silent: the launcher prints it
+            chan.send("event", (), event="warning", step="mountns.build_root", message=warning, t=time.time())
     with step("pidns.mount_proc"):
         pidns.mount_proc(plans.pidns, mountns.NEW, mountns.HOST)
     with step("mountns.seal"):
-        mountns.seal(plans.mountns)
+        mountns.seal(plans.mountns, overlay_root=not warning)
     with step("mountns.pivot_root"):
         mountns.pivot_root(plans.mountns)
     with step("netns.bring_up_loopback"):

@@ -103,3 +103,28 @@ def test_an_image_cannot_redirect_proc_dev_or_its_mount_points(env, nsbox, tmp_p
     r = nsbox("--image", "evil-dev", cmd=["/bin/true"])
     assert r.returncode == 125 and "mount point '/dev'" in r.stderr, r.stderr
     assert list(victim.iterdir()) == []
+
+
+def test_without_overlayfs_the_image_is_bound_read_only_and_said_so(nsbox, imported, env):
+    # A real refusal by the kernel: overlayfs needs its upper and work directories on one
+    # filesystem; this sandbox's work directory is a symlink to another one (/dev/shm).
+    import tempfile
+
+    upper = Path(env["XDG_DATA_HOME"]) / "nsbox" / "sandboxes" / "nooverlay" / "upper"
+    upper.mkdir(parents=True)
+    (upper / "data").mkdir()
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        (upper / "work").symlink_to(elsewhere)
+        r = nsbox("--image", "busybox", "--name", "nooverlay",
+                  cmd=sh("cat /etc/nsbox-image; touch /opt-x 2>&1; touch /etc/x 2>&1; echo ok > /tmp/t && cat /tmp/t"))
+    finally:
+        import shutil
+
+        shutil.rmtree(elsewhere)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "busybox test image"
+    assert "Read-only file system" in lines[1] and "Read-only file system" in lines[2] and lines[3] == "ok"
+    assert "nsbox: warning: overlayfs refused the image's root" in r.stderr
+    assert list((upper / "data").iterdir()) == []  # nothing was written into the upper layer

@@ -31,6 +31,7 @@ Verify:      writing under /usr fails with EROFS; the project is writable; a fil
 
 from __future__ import annotations
 
+import errno as errno_mod
 import os
 import stat
 from dataclasses import dataclass
@@ -286,13 +287,47 @@ def _bind(m: Mount, index: int) -> None:
         syscalls.mount_setattr(target, attrs, recursive=True)
 
 
-def _mount_root(root: Root) -> None:
+# Image entries the read-only fallback does not bind: nsbox provides these itself (fresh
+# tmpfs, /proc, /dev) or needs to create mount points in them (/home, /run).
+_FALLBACK_OWN = ("proc", "dev", "sys", "tmp", "home", "run")
+
+
+def _bind_image_read_only(image: str) -> None:
+    """Without overlayfs: a tmpfs root, each top-level entry of the image bound read-only.
+
+    The image's tree stays untouched (nothing can write it), and nsbox can still create
+    its mount points (/home/<user>, the project's path, /run/nsbox) on the tmpfs.
+    Writes outside /tmp, $HOME and the project fail with EROFS.
+    """
+    step = "mountns.build_root"
+    source = _host(image)
+    with acting(step, f"mount('tmpfs', {NEW!r}) and bind {image} read-only, entry by entry"):
+        syscalls.mount("tmpfs", NEW, "tmpfs", MountFlag.MS_NOSUID | MountFlag.MS_NODEV, "mode=0755")
+        for entry in os.scandir(source):
+            if entry.name in _FALLBACK_OWN:
+                continue
+            target = _new("/" + entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                os.mkdir(target, 0o755)
+            elif entry.is_file(follow_symlinks=False):
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            else:
+                continue  # devices, fifos, sockets at the top of an image: not carried over
+            syscalls.mount(entry.path, target, None, MountFlag.MS_BIND | MountFlag.MS_REC)
+            syscalls.mount_setattr(target, _RO, recursive=True)
+
+
+def _mount_root(root: Root) -> str | None:
+    """Mount the new root; return why the image's root is read-only, if it had to be."""
     step = "mountns.build_root"
     flags = MountFlag.MS_NOSUID | MountFlag.MS_NODEV
     if root.image is None:
         with acting(step, f"mount('tmpfs', {NEW!r}, 'tmpfs', MS_NOSUID|MS_NODEV)"):
             syscalls.mount("tmpfs", NEW, "tmpfs", flags, "mode=0755")
-        return
+        return None
     if root.upper_size:
         # --disk: the writable layer is a sized tmpfs on the scratch root, gone at exit.
         with acting(step, f"mount('tmpfs', '/upper', 'tmpfs', size={root.upper_size})"):
@@ -307,14 +342,25 @@ def _mount_root(root: Root) -> None:
     # userxattr: in a user namespace overlayfs keeps its whiteouts in user.* xattrs
     # (trusted.* needs CAP_SYS_ADMIN in the initial namespace).
     options = f"lowerdir={_host(root.image)},upperdir={upper},workdir={work},userxattr"
-    with acting(step, f"mount('overlay', {NEW!r}, 'overlay', MS_NOSUID|MS_NODEV, {options!r})"):
+    try:
         syscalls.mount("overlay", NEW, "overlay", flags, options)
+        return None
+    except OSError as e:
+        # No overlayfs here (an old kernel, a user namespace that may not mount it, an
+        # upper layer on a filesystem it refuses): the image read-only, and said so.
+        _bind_image_read_only(root.image)
+        return (f"overlayfs refused the image's root ({errno_mod.errorcode.get(e.errno or 0, e.errno)}: "
+                f"{os.strerror(e.errno or 0)}); the image is bound read-only instead: writes outside /tmp, "
+                "$HOME and the project fail, and nothing persists in the sandbox's upper layer")
 
 
-def build_root(p: MountNsPlan) -> None:
-    """The new root (tmpfs or overlay) with the plan's mounts, parents before children."""
+def build_root(p: MountNsPlan) -> str | None:
+    """The new root (tmpfs or overlay) with the plan's mounts, parents before children.
+
+    Returns a warning when the image's root had to be bound read-only (no overlayfs).
+    """
     step = "mountns.build_root"
-    _mount_root(p.root)
+    warning = _mount_root(p.root)
     for i, m in enumerate(p.ordered()):
         target = _new(m.target)
         if m.kind == "bind":
@@ -344,13 +390,14 @@ def build_root(p: MountNsPlan) -> None:
                 _make_mountpoint(target, is_dir=False)
                 syscalls.mount(staged, target, None, MountFlag.MS_BIND)
                 syscalls.mount_setattr(target, _RO, recursive=False)
+    return warning
 
 
-def seal(p: MountNsPlan) -> None:
+def seal(p: MountNsPlan, overlay_root: bool = True) -> None:
     """Make the root tmpfs and /dev read-only: the agent owns their inodes, so only the
     mount flag stops it from creating files at /, /run or /dev. (An image's overlay root
     stays writable: its writes land in the sandbox's own upper layer.)"""
-    for inside in ("/dev",) if p.root.image else ("/dev", ""):
+    for inside in ("/dev",) if p.root.image and overlay_root else ("/dev", ""):
         with acting("mountns.seal", f"mount_setattr({inside or '/'!r}, MOUNT_ATTR_RDONLY)"):
             syscalls.mount_setattr(_new(inside) or NEW, _RO, recursive=False)
 

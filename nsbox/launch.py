@@ -204,7 +204,7 @@ def _with_config_defaults(spec: SandboxSpec, settings: dict[str, object]) -> San
 
 
 def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, home_source: str,
-               image: ImageRoot | None = None) -> Plans:
+               image: ImageRoot | None = None, dry_run: bool = False) -> Plans:
     """Every layer's plan, from the spec. Pure apart from reading host paths, $PATH and
     the user's configuration, and compiling the seccomp profile (cached)."""
     settings = config.load_config()
@@ -239,7 +239,8 @@ def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, ho
         landlock=None if "landlock" in spec.without else landlock.plan(writable, readable=["/"]),
         seccomp=None if "seccomp" in spec.without else seccomp.plan(
             seccomp.resolve_profile(str(profile)) if (profile := spec.seccomp_profile or
-                                                 settings.get("seccomp_profile")) else None),
+                                                 settings.get("seccomp_profile")) else None,
+            write_cache=not dry_run),  # nsbox plan changes nothing, not even the cache
         execve=e,
     )
 

@@ -25,7 +25,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from nsbox import syscalls
 from nsbox.errors import ExitCode, StepError
@@ -177,6 +177,3 @@ class AgentStatus:
             return cls(ExitCode.SIGNAL_BASE + sig, sig)
         return cls(os.waitstatus_to_exitcode(status), None)
 
-
-def die(code: int) -> NoReturn:
-    os._exit(code)

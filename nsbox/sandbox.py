@@ -12,7 +12,6 @@ with os.fork. It never raises for a failed launch: the error is in `Result.error
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +46,7 @@ class Sandbox:
 
         Nothing is created: not the sandbox's home or upper layer (their paths are only
         named), not the image's unpacked tree, not the compiled-BPF cache (the profile is
-        compiled into a throwaway cache directory, removed before returning).
+        compiled, and its cache only read).
         """
         spec = self.spec.resolved()
         assert spec.name is not None
@@ -55,16 +54,7 @@ class Sandbox:
 
         home = config.sandbox_dir(spec.name) / "home"
         image = _planned_image(spec) if spec.image else None
-        saved = os.environ.get("XDG_CACHE_HOME")
-        with tempfile.TemporaryDirectory(prefix="nsbox-plan-") as scratch:
-            os.environ["XDG_CACHE_HOME"] = scratch  # seccomp.plan writes its cache beneath this
-            try:
-                plans = launch.make_plans(spec, tuple(argv) if argv else None, False, str(home), image)
-            finally:
-                if saved is None:
-                    del os.environ["XDG_CACHE_HOME"]
-                else:
-                    os.environ["XDG_CACHE_HOME"] = saved
+        plans = launch.make_plans(spec, tuple(argv) if argv else None, False, str(home), image, dry_run=True)
         return plans.describe()
 
     def secrets(self) -> tuple[str, ...]:

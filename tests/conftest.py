@@ -91,6 +91,12 @@ def sh(script: str) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
+def start_nsbox(env: dict[str, str], project: Path, script: str, *args: str) -> subprocess.Popen[str]:
+    """`nsbox run ARGS PROJECT -- /bin/sh -c SCRIPT` in the background, for tests that act on it."""
+    return subprocess.Popen([*NSBOX, "run", *args, str(project), "--", "/bin/sh", "-c", script], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def wait_for_file(path: Path, timeout: float = 30) -> None:
     """Wait until a sandboxed command has created `path` (its way of saying "I am running")."""
     deadline = time.monotonic() + timeout

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import NSBOX, sh, wait_for_file
+from conftest import NSBOX, sh, start_nsbox, wait_for_file
 
 
 def _tree_digest(root: Path) -> str:
@@ -61,9 +61,7 @@ def test_disk_makes_the_upper_a_sized_tmpfs(nsbox, imported):
 
 
 def test_an_image_rm_is_refused_while_a_sandbox_uses_it(imported, env, project):
-    p = subprocess.Popen([*NSBOX, "run", "--image", "busybox", str(project), "--", "sh", "-c",
-                          f"touch {project}/ready; sleep 30"], env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = start_nsbox(env, project, f"touch {project}/ready; sleep 30", "--image", "busybox")
     try:
         wait_for_file(project / "ready")
         r = subprocess.run([*NSBOX, "image", "rm", "busybox"], env=env, capture_output=True, text=True, timeout=60)

@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from conftest import NSBOX, sh, wait_for_file
+from conftest import sh, start_nsbox, wait_for_file
 
 
 def test_proc_shows_only_the_sandbox_and_the_agent_is_init_child(nsbox):
@@ -49,13 +48,8 @@ def test_death_by_signal_is_128_plus_n(nsbox, sig):
     assert nsbox(cmd=sh(f"kill -{int(sig)} $$")).returncode == 128 + sig
 
 
-def _start(env: dict[str, str], project: Path, script: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*NSBOX, "run", str(project), "--", "/bin/sh", "-c", script], env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_sigterm_to_the_launcher_reaches_the_agent(env, project):
-    p = _start(env, project, f"trap 'echo got-term; exit 7' TERM; touch {project}/ready; "
+    p = start_nsbox(env, project, f"trap 'echo got-term; exit 7' TERM; touch {project}/ready; "
                              "while :; do sleep 0.05; done")
     wait_for_file(project / "ready")
     p.send_signal(signal.SIGTERM)
@@ -91,7 +85,7 @@ def test_kill_9_of_the_launcher_leaves_nothing_alive(env, project):
     marker = f"nsbox-marker-{uuid.uuid4().hex}"
     # A daemonized grandchild too: double fork, setsid, SIGHUP ignored.
     # The marker is $0 of each shell, so it shows in their /proc/<pid>/cmdline on the host.
-    p = _start(env, project, f"setsid sh -c 'trap \"\" HUP; sleep 300; :' {marker} & "
+    p = start_nsbox(env, project, f"setsid sh -c 'trap \"\" HUP; sleep 300; :' {marker} & "
                              f"sh -c 'sleep 300; :' {marker} & touch {project}/ready; wait")
     wait_for_file(project / "ready")
     deadline = time.monotonic() + 10

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
-from conftest import NSBOX, sh, wait_for_file
+from conftest import sh, start_nsbox, wait_for_file
 
 
 def test_agent_runs_as_uid_1000_with_exactly_one_mapping(nsbox):
@@ -40,9 +39,7 @@ def test_home_is_private_persistent_and_wiped_by_fresh(nsbox):
 
 
 def test_two_runs_with_the_same_name_at_once(nsbox, env, project):
-    first = subprocess.Popen([*NSBOX, "run", "--name", "same", str(project), "--", "sh", "-c",
-                              f"touch {project}/ready; sleep 5"], env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = start_nsbox(env, project, f"touch {project}/ready; sleep 5", "--name", "same")
     try:
         wait_for_file(project / "ready")
         r = nsbox("--name", "same", cmd=["true"])

@@ -654,7 +654,7 @@ def resolve_profile(name_or_path: str) -> Path:
     return Path(name_or_path)
 
 
-def plan(profile: Path | None = None, *, cache: Path | None = None) -> SeccompPlan:
+def plan(profile: Path | None = None, *, cache: Path | None = None, write_cache: bool = True) -> SeccompPlan:
     """Load, validate and compile a profile (LAUNCHER, before any fork).
 
     The compiled BPF is cached under $XDG_CACHE_HOME/nsbox/seccomp/, keyed by the sha256
@@ -670,7 +670,8 @@ def plan(profile: Path | None = None, *, cache: Path | None = None) -> SeccompPl
     cached = bpf is not None
     if bpf is None:
         bpf = _export(_new_filter(parsed, emitted), "export_bpf")
-        _write_cache(cache_file, bpf)
+        if write_cache:
+            _write_cache(cache_file, bpf)
     return SeccompPlan(
         profile=path,
         sha256=hashlib.sha256(content).hexdigest(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from nsbox import host
 from nsbox.errors import StepError
 
 
@@ -58,6 +57,8 @@ HINTS: tuple[Hint, ...] = (
 
 def host_values(err: int | None = None) -> dict[str, str]:
     """The host facts a hint may name, as text: host.py's reads (cheap; no probe is forked)."""
+    from nsbox import host  # only when a launch failed: host.py loads every layer's module
+
     sysctls = host.userns_sysctls()
     why, fix = host.userns_why_fix(err, sysctls, host.in_outer_userns())
     return {

@@ -62,12 +62,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from cgroupspy.controllers import Controller
-from cgroupspy.nodes import Node
+from typing import TYPE_CHECKING, Any
 
 from nsbox.errors import StepError, acting
+
+if TYPE_CHECKING:
+    from cgroupspy.controllers import Controller
+    from cgroupspy.nodes import Node
 
 NONE, CGROUP2, SCOPE, CGROUP1, RLIMITS = "none", "cgroup2", "systemd-scope", "cgroup1", "rlimits"
 MECHANISMS = (NONE, CGROUP2, SCOPE, CGROUP1, RLIMITS)
@@ -511,6 +512,10 @@ def _create_v2(p: CgroupPlan) -> Cgroup:
 
 def _v1_node(directory: str, controller: str) -> Node:
     """A cgroupspy node for `directory` in the v1 hierarchy of `controller`."""
+    # Imported here, not at the top: only a cgroup v1 run needs it, and the import costs
+    # more than a whole bubblewrap launch (scripts/bench).
+    from cgroupspy.nodes import Node
+
     # cgroupspy picks a node's controller class from the name of the hierarchy directory
     # beneath its root ("memory", "cpu"); a hierarchy's mount point plays that part here.
     mount = next(point for _, point, fs, options in _mounts() if fs == "cgroup" and controller in options.split(","))
@@ -520,6 +525,8 @@ def _v1_node(directory: str, controller: str) -> Node:
 
 
 def _v1_controller(node: Node) -> Controller:
+    from cgroupspy.controllers import Controller
+
     # cgroupspy knows no pids controller: its generic Controller reads and writes any file.
     return node.controller if node.controller is not None else Controller(node)
 

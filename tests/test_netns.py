@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
+import pytest
 from conftest import sh
 
 PROBE = """
@@ -41,6 +45,21 @@ def test_loopback_inside_works(nsbox):
     code = ("import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(); "
             "c=socket.create_connection(s.getsockname()); a,_=s.accept(); c.send(b'ok'); print(a.recv(2).decode())")
     assert nsbox(cmd=["/usr/bin/python3", "-c", code]).stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/net/ipv6"), reason="this kernel has no IPv6")
+def test_lo_comes_up_with_ipv6_too(nsbox):
+    # The ioctl sets IFF_UP only; the kernel adds ::1 to lo as it comes up, as it does 127.0.0.1.
+    code = ("import socket; s=socket.socket(socket.AF_INET6); s.bind(('::1',0)); s.listen(); "
+            "c=socket.create_connection(s.getsockname()[:2]); a,_=s.accept(); c.send(b'ok'); print(a.recv(2).decode())")
+    r = nsbox(cmd=["/usr/bin/python3", "-c", code])
+    assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_importing_the_launcher_does_not_import_pyroute2():
+    code = 'import nsbox.launch, sys; assert "pyroute2" not in sys.modules, "pyroute2 imported"'
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def test_hostname_is_nsbox_and_settable(nsbox):

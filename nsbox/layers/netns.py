@@ -1,10 +1,12 @@
 """Network namespace: the agent's own network stack, with only a loopback interface.
 
 A new network namespace has one interface, `lo`, and it is down. init brings it up
-(through netlink, with pyroute2), so programs inside can talk to themselves on
-127.0.0.1. Nothing else exists: the host's interfaces, its loopback (a service on the
-host's 127.0.0.1 is a different address space), its routes and its abstract unix
-sockets are all out of reach, and no name resolves (no DNS server is reachable).
+with the two ioctls of ifconfig (SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP) on a
+plain datagram socket, so programs inside can talk to themselves on 127.0.0.1 (and
+::1: the kernel gives lo both addresses as it comes up). Nothing else exists: the
+host's interfaces, its loopback (a service on the host's 127.0.0.1 is a different
+address space), its routes and its abstract unix sockets are all out of reach, and no
+name resolves (no DNS server is reachable).
 
 Three modes (`--network`):
 
@@ -26,12 +28,12 @@ Verify:      /proc/net/dev lists only lo; lo is UP; connecting to a listener on 
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from pyroute2 import IPRoute  # untyped library (mypy override in pyproject.toml); used here only
 
 from nsbox.errors import acting, usage_error
 
@@ -41,6 +43,16 @@ if TYPE_CHECKING:
 PROXY_PORT = 3128  # inside the sandbox's own network namespace: no clash with the host
 # Without an allowed-domains.txt, the agent may reach its API and nothing else.
 DEFAULT_ALLOWED = ("api.anthropic.com",)
+
+# netdevice(7): the interface ioctls work on any socket; the kernel checks CAP_NET_ADMIN
+# in the user namespace that owns the socket's network namespace.
+SIOCGIFFLAGS = 0x8913  # linux/sockios.h
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1  # linux/if.h
+# struct ifreq: ifr_name[IFNAMSIZ = 16], then a 24-byte union whose first member is the
+# short ifr_flags (the union's size is that of struct ifmap): 40 bytes in all on 64-bit,
+# 32 on 32-bit (where the kernel copies only those; the longer buffer is harmless).
+IFREQ_FLAGS = struct.Struct("=16sH22x")
 
 
 @dataclass(frozen=True)
@@ -120,9 +132,12 @@ def bring_up_loopback(p: NetNsPlan) -> None:
     """Role INIT: lo up (in host mode there is nothing of ours to configure)."""
     if not p.unshare:
         return
-    with acting("netns.bring_up_loopback", "RTM_NEWLINK lo up (pyroute2 IPRoute.link)"), IPRoute() as ipr:
-        index = ipr.link_lookup(ifname="lo")[0]
-        ipr.link("set", index=index, state="up")
+    # ifconfig's way rather than RTM_NEWLINK: two ioctls, no netlink library to import.
+    # The flags are read first so that only IFF_UP changes.
+    with acting("netns.bring_up_loopback", "ioctl(SIOCSIFFLAGS, lo, IFF_UP)"), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _, flags = IFREQ_FLAGS.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, IFREQ_FLAGS.pack(b"lo", 0)))
+        fcntl.ioctl(s, SIOCSIFFLAGS, IFREQ_FLAGS.pack(b"lo", flags | IFF_UP))
 
 
 def open_proxy_socket(p: NetNsPlan) -> socket.socket | None:

@@ -301,6 +301,10 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
                                   str(config.prepare_upper(spec.name, spec.fresh)))
         with step("seccomp.compile"):
             plans = make_plans(spec, command, stdin_is_tty, str(home), image)
+        if spec.probe and plans.netns.unshare:
+            # nsbox verify reads lo over rtnetlink with pyroute2, in the agent after pivot_root
+            # where nothing can be imported: loaded now, before any fork. Never for a run (150 ms).
+            netns.load_netlink()
         if spec.trace:
             events.append({"event": "plan", "t": time.time(), "layers": dict(plans.describe())})
         if plans.cgroups.limits:  # which mechanism enforces each limit, said before the run

@@ -11,10 +11,12 @@ so `--seccomp-profile`, `--network` and `--image` change what is expected.
 
 It works with any rootfs, even one without Python: the interpreter is the launcher's
 own, already in memory, and every module it uses is imported here, at module load,
-before pivot_root. It makes only calls the default seccomp profile allows (or asks
-precisely the ones it refuses), never imports lazily (bytes host names: a str would
-import the idna codec), and never execs, except one fork+execve of /bin/sh for the
-after-execve checks where the rootfs has a shell (`sh` then uses builtins only).
+before pivot_root; the one exception, pyroute2 (150 ms), is imported by the launcher
+for `nsbox verify` alone (netns.load_netlink), also before the first fork. It makes
+only calls the default seccomp profile allows (or asks precisely the ones it refuses),
+never imports lazily (bytes host names: a str would import the idna codec), and never
+execs, except one fork+execve of /bin/sh for the after-execve checks where the rootfs
+has a shell (`sh` then uses builtins only).
 
 A layer removed with --without keeps its expected values, the guarantees it would
 give: its rows then fail, with the kernel's own answer in `actual`, and say
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from nsbox import syscalls
 from nsbox.layers import landlock as landlock_layer
 from nsbox.layers import mountns as mountns_layer
+from nsbox.layers import netns as netns_layer
 
 if TYPE_CHECKING:
     from nsbox.launch import Plans
@@ -276,6 +279,17 @@ def _netns(plans: Plans, status: dict[str, str], out: _Rows) -> None:
         out.add("netns", "interfaces", "the host's (--network host)", " ".join(interfaces), ok=True)
         return
     out.add("netns", "interfaces", "lo", " ".join(interfaces))
+    # lo as rtnetlink reports it (pyroute2, loaded by the launcher before the fork): the
+    # kernel adds 127.0.0.1/8, and ::1/128 unless IPv6 is off in this namespace, as lo
+    # comes up, so the addresses confirm the flag.
+    # Caught here, so that a netlink failure still leaves the checks below to run.
+    ipv6 = _read("/proc/sys/net/ipv6/conf/lo/disable_ipv6") == "0"
+    try:
+        lo = next((link for link in netns_layer.links() if link.name == "lo"), None)
+        actual = "absent" if lo is None else " ".join(("UP" if lo.up else "DOWN", *lo.addresses))
+    except Exception as e:  # pyroute2 raises its own errors besides OSError
+        actual = f"error {type(e).__name__}: {e}"
+    out.add("netns", "lo over rtnetlink", "UP 127.0.0.1/8" + (" ::1/128" if ipv6 else ""), actual)
     # A port nobody listens on: bind to learn a free one, close, then connect to it.
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     probe.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import sh
+from conftest import NSBOX, sh
 
 PROBE = """
 import errno, socket, sys
@@ -60,6 +60,32 @@ def test_importing_the_launcher_does_not_import_pyroute2():
     code = 'import nsbox.launch, sys; assert "pyroute2" not in sys.modules, "pyroute2 imported"'
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_run_imports_no_pyroute2_and_verify_does(env, project):
+    # -X importtime reports every import of the launcher and of its forked children.
+    def imports(*args: str, cmd: tuple[str, ...] = ()) -> str:
+        r = subprocess.run([sys.executable, "-X", "importtime", *NSBOX[1:], *args, str(project), *cmd], env=env,
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stderr
+    assert "pyroute2" not in imports("run", "--network", "none", cmd=("--", "/bin/true"))
+    assert "pyroute2" in imports("verify")  # the check above can see pyroute2 when it is imported
+
+
+def test_links_over_rtnetlink_import_nothing_after_load_netlink():
+    # The probe calls links() after pivot_root, where no module can be imported: everything
+    # pyroute2 needs on first use must come with load_netlink().
+    code = ("import sys\n"
+            "from nsbox.layers import netns\n"
+            "netns.load_netlink()\n"
+            "before = set(sys.modules)\n"
+            "links = netns.links()\n"
+            "print(sorted(set(sys.modules) - before))\n"
+            "print([link.name for link in links if link.up and '127.0.0.1/8' in link.addresses])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["[]", "['lo']"]
 
 
 def test_hostname_is_nsbox_and_settable(nsbox):

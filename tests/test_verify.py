@@ -44,6 +44,8 @@ def test_every_check_holds_in_host_mode(env, project):
     assert rows["mountns", "create a file in /usr"]["actual"] == "EROFS"
     assert rows["pidns", "/proc/1/cmdline"]["actual"] == "nsbox:init"
     assert rows["netns", "interfaces"]["actual"] == "lo"
+    # pyroute2, loaded by the launcher before the fork, reads lo back over rtnetlink.
+    assert rows["netns", "lo over rtnetlink"]["actual"].startswith("UP 127.0.0.1/8")
     assert rows["caps", "after execve: all five sets"]["actual"] == "0"  # the host has /bin/sh
     assert [p.name for p in project.iterdir()] == ["README"]  # the probe removed its temp file
 
@@ -74,6 +76,8 @@ def test_every_check_holds_with_the_busybox_image(env, project, imported):
     # The image's root is its own writable overlay: no EROFS row, and its NSS code is not run.
     assert ("mountns", "create a file in /usr") not in rows
     assert rows["netns", "getaddrinfo(example.com)"]["actual"].startswith("not tried")
+    # The image has no Python library: pyroute2 works there only because it was loaded before the fork.
+    assert rows["netns", "lo over rtnetlink"]["ok"] and rows["netns", "lo over rtnetlink"]["actual"].startswith("UP ")
     assert rows["seccomp", "after execve: Seccomp"]["actual"] == "2"  # busybox's /bin/sh read it
 
 

@@ -23,7 +23,13 @@ Order:       unshared by the holder; lo brought up and the proxy socket bound by
              serves the socket after its last fork.
 Verify:      /proc/net/dev lists only lo; lo is UP; connecting to a listener on the
              host's 127.0.0.1 fails with ECONNREFUSED; through the proxy an allowed name
-             answers and any other gets 403.
+             answers and any other gets 403. `nsbox verify` also reads lo back over
+             rtnetlink (`links()`), as `ip addr` would: UP, with its loopback addresses.
+
+pyroute2 (rtnetlink) is for that check only. Importing it costs about 150 ms, so a run
+never does: `nsbox verify` calls `load_netlink()` in the launcher before the first fork,
+and the probe, in the agent after pivot_root (where an image has no Python library),
+finds it already in memory.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nsbox.errors import acting, usage_error
 
@@ -53,6 +59,19 @@ IFF_UP = 0x1  # linux/if.h
 # short ifr_flags (the union's size is that of struct ifmap): 40 bytes in all on 64-bit,
 # 32 on 32-bit (where the kernel copies only those; the longer buffer is harmless).
 IFREQ_FLAGS = struct.Struct("=16sH22x")
+
+# pyroute2.IPRoute once load_netlink() has run: never imported at module load (150 ms).
+_IPRoute: Any = None
+
+
+@dataclass(frozen=True)
+class Link:
+    """One interface as rtnetlink reports it (RTM_GETLINK and RTM_GETADDR dumps)."""
+
+    name: str
+    up: bool  # IFF_UP, the administrative state that bring_up_loopback sets
+    operstate: str  # "UNKNOWN" for lo: it has no carrier to report, up or not
+    addresses: tuple[str, ...]  # "127.0.0.1/8", "::1/128": IPv4 first, then IPv6
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,38 @@ def bring_up_loopback(p: NetNsPlan) -> None:
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         _, flags = IFREQ_FLAGS.unpack(fcntl.ioctl(s, SIOCGIFFLAGS, IFREQ_FLAGS.pack(b"lo", 0)))
         fcntl.ioctl(s, SIOCSIFFLAGS, IFREQ_FLAGS.pack(b"lo", flags | IFF_UP))
+
+
+def load_netlink() -> None:
+    """Role LAUNCHER, nsbox verify only, before any fork: import pyroute2 for `links()`.
+
+    The probe runs in the agent after pivot_root, where nothing can be imported (an
+    image has no Python library; the host root's has no venv): what it uses must already
+    be in sys.modules. Importing pyroute2 loads everything its IPRoute needs (asyncio
+    included); reading links and addresses imports nothing more.
+    """
+    global _IPRoute
+    from pyroute2 import IPRoute  # untyped library (mypy override in pyproject.toml); imported here only
+
+    _IPRoute = IPRoute
+
+
+def links() -> list[Link]:
+    """Every interface of this network namespace, read over rtnetlink with pyroute2.
+
+    A second witness beside the ioctl that set the flag: the kernel's RTM_GETLINK and
+    RTM_GETADDR answers, what `ip addr` shows. Needs `load_netlink()` first.
+    """
+    if _IPRoute is None:
+        raise RuntimeError("netns.load_netlink() was not called before the fork")
+    with _IPRoute() as ipr:
+        addresses: dict[int, list[tuple[int, str]]] = {}
+        for a in ipr.get_addr():
+            addresses.setdefault(a["index"], []).append((a["family"], f"{a.get('address')}/{a['prefixlen']}"))
+        return [Link(name=str(link.get("ifname")), up=bool(link["flags"] & IFF_UP),
+                     operstate=str(link.get("operstate")),
+                     addresses=tuple(text for _, text in sorted(addresses.get(link["index"], []))))
+                for link in ipr.get_links()]
 
 
 def open_proxy_socket(p: NetNsPlan) -> socket.socket | None:

@@ -64,7 +64,7 @@ def test_compiled_bpf_is_cached_and_keyed_by_content(tmp_path: Path) -> None:
     second = seccomp.plan(None, cache=tmp_path)
     assert (first.cached, second.cached) == (False, True)
     assert first.bpf == second.bpf
-    assert [p.suffix for p in tmp_path.iterdir()] == [".bpf"]  # no temporary file left behind
+    assert [p.suffix for p in tmp_path.iterdir()] == [".json"]  # no temporary file left behind
     changed = tmp_path / "p.toml"
     changed.write_text(seccomp.DEFAULT_PROFILE.read_text() + "\n# a comment changes the key\n")
     assert not seccomp.plan(changed, cache=tmp_path).cached

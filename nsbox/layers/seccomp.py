@@ -11,6 +11,10 @@ JSON profiles are accepted unchanged) and compiles them here, in the launcher, w
 libseccomp (pyseccomp) into finished BPF. The agent installs those bytes with one
 seccomp(2) call as its very last step: no libseccomp runs after fork.
 
+Compiling costs tens of milliseconds (loading libseccomp, resolving every name), so the
+whole compiled plan is cached per user (`plan`, `_read_cache`): a launch whose profile,
+libseccomp and kernel have not changed neither parses the profile nor loads libseccomp.
+
     profile.toml ──parse──▶ rules ──libseccomp (launcher)──▶ BPF bytes ──seccomp(2) (agent)──▶ kernel
 
 An unprivileged process may install a filter once no_new_privs is set (otherwise a
@@ -41,6 +45,8 @@ Verify:      /proc/self/status shows "Seccomp: 2" and "Seccomp_filters: 1" (or m
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno as errno_mod
 import fcntl
@@ -49,15 +55,12 @@ import json
 import os
 import platform
 import signal
+import stat
 import struct
-import tempfile
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import pyseccomp  # untyped ctypes binding: pyproject's mypy override treats it as Any
+from typing import Any, ClassVar, TypeVar
 
 from nsbox import syscalls
 from nsbox.errors import StepError, acting
@@ -68,8 +71,10 @@ STEP = "seccomp.compile"
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "seccomp"
 DEFAULT_PROFILE = BUILTIN_DIR / "default.toml"
 
-# Bump when the translation from profile to rules changes, so old cached BPF is not reused.
-_COMPILER_VERSION = "nsbox-seccomp-2"  # 2: kills go through SECCOMP_RET_USER_NOTIF (named in reports)
+# Bump when the translation from profile to rules, or the cache entry's layout, changes, so
+# old cache entries are not reused. 2: kills go through SECCOMP_RET_USER_NOTIF (named in
+# reports); 3: the whole plan is cached (a JSON entry), not only the BPF.
+_COMPILER_VERSION = "nsbox-seccomp-3"
 
 _MACHINE = platform.machine()
 _NATIVE_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(_MACHINE, 0)
@@ -78,16 +83,29 @@ _GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64", "s390x"
             "ppc64le": "ppc64le"}.get(_MACHINE, _MACHINE)
 
 _ALL64 = (1 << 64) - 1
+_BPF_MAXINSNS = 4096  # the kernel refuses longer classic-BPF programs
+_T = TypeVar("_T")
+
+
+def _libseccomp() -> Any:
+    """pyseccomp, imported on first use: the only door to libseccomp in nsbox.
+
+    Importing it loads libseccomp and costs 15-30 ms, which a launch whose filter is
+    already cached never pays. Only compiling, exporting and naming syscalls call this,
+    all in the launcher (never in the agent: no libseccomp runs after fork). pyseccomp is
+    an untyped ctypes binding, hence Any (pyproject's mypy override).
+    """
+    import pyseccomp  # deliberately lazy, see above
+
+    return pyseccomp
 
 # ---------------------------------------------------------------------------------------
 # The profile as data
 # ---------------------------------------------------------------------------------------
 
 TOML_ACTIONS = ("allow", "errno", "kill_process", "log")
-_OPS = {
-    "eq": pyseccomp.EQ, "ne": pyseccomp.NE, "lt": pyseccomp.LT, "le": pyseccomp.LE,
-    "gt": pyseccomp.GT, "ge": pyseccomp.GE, "masked_eq": pyseccomp.MASKED_EQ,
-}
+# Comparisons by name; each is pyseccomp's constant of the same name in capitals (EQ, MASKED_EQ...).
+_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "masked_eq")
 _OCI_OPS = {f"SCMP_CMP_{name.upper()}": name for name in _OPS}
 _OCI_ACTIONS = {
     "SCMP_ACT_ALLOW": "allow", "SCMP_ACT_ERRNO": "errno", "SCMP_ACT_KILL": "kill_thread",
@@ -109,13 +127,14 @@ class Action:
         return self.kind
 
     def to_libseccomp(self) -> int:
+        lib = _libseccomp()
         if self.kind == "errno":
-            return int(pyseccomp.ERRNO(self.errno if self.errno is not None else errno_mod.EPERM))
+            return int(lib.ERRNO(self.errno if self.errno is not None else errno_mod.EPERM))
         return int({
             # Kills are decided by the filter and carried out by the launcher, which is told
             # the call (seccomp_unotify(2)) and can name it; see Supervisor below.
-            "allow": pyseccomp.ALLOW, "kill_process": pyseccomp.NOTIFY,
-            "kill_thread": pyseccomp.NOTIFY, "trap": pyseccomp.TRAP, "log": pyseccomp.LOG,
+            "allow": lib.ALLOW, "kill_process": lib.NOTIFY,
+            "kill_thread": lib.NOTIFY, "trap": lib.TRAP, "log": lib.LOG,
         }[self.kind])
 
 
@@ -135,9 +154,11 @@ class Condition:
         return f"arg{self.index} {sym} {self.value:#x}"
 
     def to_libseccomp(self) -> Any:
+        lib = _libseccomp()
+        op = getattr(lib, self.op.upper())
         if self.op == "masked_eq":
-            return pyseccomp.Arg(self.index, _OPS["masked_eq"], self.mask, self.value)
-        return pyseccomp.Arg(self.index, _OPS[self.op], self.value)
+            return lib.Arg(self.index, op, self.mask, self.value)
+        return lib.Arg(self.index, op, self.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +239,8 @@ def parse_profile(path: Path, raw: bytes) -> Profile:
         if not isinstance(data, dict):
             raise _bad(path, None, "a JSON profile must be an object", "see the OCI linux.seccomp format")
         return _parse_oci(path, data)
+    import tomllib  # here, not at the top: 3 ms a cached plan never needs
+
     try:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -437,11 +460,12 @@ def complement_of_union(patterns: Iterable[Pattern]) -> list[Pattern]:
 
 def _resolve(profile: Profile) -> tuple[list[Emitted], list[str]]:
     """Names -> numbers for this arch; returns the rules to emit and the names skipped."""
+    lib = _libseccomp()
     emitted: list[Emitted] = []
     skipped: list[str] = []
     for rule in profile.rules:
         for name in rule.syscalls:
-            nr = int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name))
+            nr = int(lib.resolve_syscall(lib.Arch.NATIVE, name))
             if nr < 0:  # -1: unknown to libseccomp; other negatives: not on this arch
                 if rule.optional:
                     skipped.append(name)
@@ -501,14 +525,15 @@ def _apply_exceptions(path: Path, emitted: list[Emitted]) -> list[Emitted]:
 
 
 def _new_filter(profile: Profile, emitted: list[Emitted]) -> Any:
-    f = pyseccomp.SyscallFilter(profile.default_action.to_libseccomp())
+    lib = _libseccomp()
+    f = lib.SyscallFilter(profile.default_action.to_libseccomp())
     # Only the native architecture is in the filter; any other ABI kills the whole process
     # (through the launcher, which names the call: Supervisor).
-    f.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.NOTIFY)
+    f.set_attr(lib.Attr.ACT_BADARCH, lib.NOTIFY)
     # A binary tree over syscall numbers (libseccomp >= 2.5); an older one builds a linear
     # list instead: the same decisions, just slower.
     with contextlib.suppress(OSError):
-        f.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
+        f.set_attr(lib.Attr.CTL_OPTIMIZE, 2)
     for e in emitted:
         if e.action == profile.default_action:
             # libseccomp refuses such a rule (EACCES) and it would change nothing; runc skips
@@ -546,7 +571,36 @@ def export_pfc(profile: Profile) -> str:
 
 
 def libseccomp_version() -> str:
+    """libseccomp's runtime version, e.g. "2.5.4". Loads pyseccomp: nsbox doctor checks both."""
+    try:
+        _libseccomp()
+    except (ImportError, RuntimeError) as e:  # no pyseccomp, or pyseccomp found no libseccomp
+        raise OSError(errno_mod.ENOENT, f"cannot load libseccomp through pyseccomp: {e}") from e
     return ".".join(str(p) for p in syscalls.libseccomp_version())
+
+
+# ---------------------------------------------------------------------------------------
+# The cache of compiled plans
+# ---------------------------------------------------------------------------------------
+#
+# One file per profile: $XDG_CACHE_HOME/nsbox/seccomp/<key>.json, holding the whole plan
+# (the BPF and what describe() prints), so that a hit costs one read and one stat(2) and
+# neither parses the profile nor loads libseccomp.
+#
+# The key (_cache_key) is everything the plan depends on that is known without loading
+# libseccomp. Which libseccomp compiled it cannot be part of the key: finding out means
+# loading it, the very cost the cache saves. So the entry records the shared object the
+# compiler had mapped (its real path, from /proc/self/maps) with that file's inode, size
+# and mtime, and a hit requires the file to be unchanged. An upgrade replaces the file (a
+# new inode, and usually a new versioned name), and the next plan compiles again.
+# Not noticed: a second libseccomp elsewhere that the loader would now prefer while the
+# first stays untouched (LD_LIBRARY_PATH, a build in /usr/local/lib). The BPF reused then is
+# still this profile, compiled by the libseccomp that was in use when the entry was written.
+#
+# The file is `<sha256 of the body, hex>\n<body: JSON>`; the digest catches a truncated or
+# damaged entry. Anything doubtful is a miss, and a miss costs one compile, nothing more.
+
+_CACHE_MAX_BYTES = 1 << 20  # an entry is tens of KiB; a larger file is not one of ours
 
 
 def cache_dir() -> Path:
@@ -555,33 +609,166 @@ def cache_dir() -> Path:
     return root / "nsbox" / "seccomp"
 
 
-def _cache_key(content: bytes) -> str:
+def _cache_key(path: Path, content: bytes) -> str:
+    """What a compiled plan depends on, computed without libseccomp.
+
+    The profile's bytes; its path as displayed (JSON or TOML goes by the suffix, and an
+    OCI profile's description and default `why` name the file); the compiler's version;
+    the architecture; and the kernel release (a Docker profile's minKernel depends on it).
+    """
     h = hashlib.sha256()
-    for part in (_COMPILER_VERSION.encode(), content, libseccomp_version().encode(), _MACHINE.encode(),
-                 platform.release().encode()):  # kernel: Docker's minKernel depends on it
+    for part in (_COMPILER_VERSION.encode(), display_path(path).encode("utf-8", "surrogateescape"), content,
+                 _MACHINE.encode(), platform.release().encode()):
         h.update(len(part).to_bytes(8, "little") + part)
     return h.hexdigest()
 
 
-def _read_cache(path: Path) -> bytes | None:
+def _loaded_libseccomp() -> dict[str, Any] | None:
+    """The libseccomp this process has mapped: {"path", "ino", "size", "mtime_ns"}, or None.
+
+    Called after compiling, so the library is loaded. None if no such mapping is found or
+    its file was replaced since it was loaded (maps then says "(deleted)"): with nothing
+    on disk identifying the compiler, the plan is not cached.
+    """
     try:
-        bpf = path.read_bytes()
+        with open("/proc/self/maps") as maps:
+            # address perms offset dev inode path; the path is the mapped file's real path
+            paths = (fields[5] for line in maps if len(fields := line.rstrip("\n").split(maxsplit=5)) == 6)
+            path = next((p for p in paths if os.path.basename(p).startswith("libseccomp.so")), None)
+        if path is None or path.endswith(" (deleted)"):
+            return None
+        st = os.stat(path)
     except OSError:
         return None
-    return bpf if bpf and len(bpf) % 8 == 0 else None
+    return {"path": path, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _write_cache(path: Path, bpf: bytes) -> None:
+def _same_file(lib: dict[str, Any]) -> bool:
+    """True if the libseccomp recorded in an entry is still the same file on disk."""
+    try:
+        st = os.stat(lib["path"])
+    except OSError:
+        return False  # removed: libseccomp was upgraded (or moved)
+    return (st.st_ino, st.st_size, st.st_mtime_ns) == (lib["ino"], lib["size"], lib["mtime_ns"])
+
+
+def _cache_entry(key: str, compiled: SeccompPlan, lib: dict[str, Any]) -> bytes:
+    body = json.dumps({
+        "key": key,
+        "compiler": _COMPILER_VERSION,
+        "libseccomp": {"version": compiled.libseccomp, **lib},
+        "architecture": compiled.architecture,
+        "default_action": compiled.default_action,
+        "description": compiled.description,
+        "rule_count": compiled.rule_count,
+        "rules": [{"number": r.number, "syscalls": list(r.syscalls), "action": r.action,
+                   "conditions": list(r.conditions), "why": r.why} for r in compiled.rules],
+        "skipped": list(compiled.skipped),
+        "instructions": compiled.instructions,
+        "bpf": base64.b64encode(compiled.bpf).decode(),
+    }, separators=(",", ":")).encode()
+    return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+def _field(obj: object, key: str, kind: type[_T]) -> _T:
+    """obj[key] if obj is a dict and that value is a `kind` (a bool is no int here); else ValueError."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"cache entry: bad {key!r}")
+    return value
+
+
+def _strings(obj: object, key: str) -> tuple[str, ...]:
+    values = _field(obj, key, list)
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(f"cache entry: bad {key!r}")
+    return tuple(values)
+
+
+def _read_cache(file: Path, key: str, profile: Path, digest: str) -> SeccompPlan | None:
+    """The plan cached in `file` for this key, or None: missing, foreign, damaged or stale.
+
+    Nothing in the file is taken on trust, since it decides which filter the agent gets:
+    the file must be a regular file of our own (another user's could choose our filter),
+    its digest must match, every field must have its type, the key, compiler and
+    architecture must be ours, the BPF must be exactly `instructions` 8-byte instructions
+    (1..4096), and the libseccomp that compiled it must still be the same file.
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return None
+            raw = f.read(_CACHE_MAX_BYTES + 1)
+    except OSError:
+        return None
+    head, newline, body = raw.partition(b"\n")
+    if len(raw) > _CACHE_MAX_BYTES or not newline or head != hashlib.sha256(body).hexdigest().encode():
+        return None
+    try:
+        return _plan_from_entry(json.loads(body), key, profile, digest)
+    except (ValueError, RecursionError, binascii.Error):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def _plan_from_entry(entry: object, key: str, profile: Path, digest: str) -> SeccompPlan | None:
+    """The SeccompPlan an entry's JSON describes; ValueError if malformed, None if stale."""
+    if (_field(entry, "key", str), _field(entry, "compiler", str), _field(entry, "architecture", str)) != (
+            key, _COMPILER_VERSION, _MACHINE):
+        return None
+    lib = _field(entry, "libseccomp", dict)
+    version = _field(lib, "version", str)
+    _field(lib, "path", str)
+    for k in ("ino", "size", "mtime_ns"):
+        _field(lib, k, int)
+    if not _same_file(lib):
+        return None  # libseccomp changed since: compile again
+    instructions = _field(entry, "instructions", int)
+    bpf = base64.b64decode(_field(entry, "bpf", str), validate=True)
+    if not 0 < instructions <= _BPF_MAXINSNS or len(bpf) != 8 * instructions:
+        raise ValueError("cache entry: the BPF is not `instructions` instructions long")
+    rules = tuple(RuleSummary(_field(r, "number", int), _strings(r, "syscalls"), _field(r, "action", str),
+                              _strings(r, "conditions"), _field(r, "why", str))
+                  for r in _field(entry, "rules", list))
+    if _field(entry, "rule_count", int) != len(rules):
+        raise ValueError("cache entry: rule_count does not match the rules")
+    return SeccompPlan(
+        profile=profile,
+        sha256=digest,
+        rule_count=len(rules),
+        default_action=_field(entry, "default_action", str),
+        description=_field(entry, "description", str),
+        architecture=_MACHINE,
+        libseccomp=version,
+        cached=True,
+        rules=rules,
+        skipped=_strings(entry, "skipped"),
+        bpf=bpf,
+    )
+
+
+def _write_cache(path: Path, entry: bytes) -> None:
     """Atomically: a reader sees the old file or the whole new one, never half of it."""
+    import tempfile  # here, not at the top: 9 ms of imports a cache hit never needs
+
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as tmp:
-            tmp.write(bpf)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as f:
+            tmp = f.name
+            f.write(entry)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except OSError:
-        pass  # a cache we cannot write costs one compile per run, nothing more
+        # A cache we cannot write costs one compile per run, nothing more.
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------
@@ -609,7 +796,7 @@ class SeccompPlan:
     description: str
     architecture: str
     libseccomp: str
-    cached: bool  # True if the BPF came from the cache
+    cached: bool  # True if the whole plan came from the cache (nothing was parsed or compiled)
     rules: tuple[RuleSummary, ...]
     skipped: tuple[str, ...]  # names not on this arch or unknown to this libseccomp
     bpf: bytes = field(repr=False)
@@ -655,37 +842,42 @@ def resolve_profile(name_or_path: str) -> Path:
 
 
 def plan(profile: Path | None = None, *, cache: Path | None = None, write_cache: bool = True) -> SeccompPlan:
-    """Load, validate and compile a profile (LAUNCHER, before any fork).
+    """Load, validate and compile a profile (LAUNCHER, before any fork), or take it from the cache.
 
-    The compiled BPF is cached under $XDG_CACHE_HOME/nsbox/seccomp/, keyed by the sha256
-    of the profile's bytes, libseccomp's version, the architecture and the kernel.
+    The whole plan is cached under $XDG_CACHE_HOME/nsbox/seccomp/ (see "The cache of
+    compiled plans" above). A hit neither parses the profile nor loads libseccomp: an
+    entry is written only after these very bytes were validated and compiled, by the
+    libseccomp still installed. So a broken profile is never cached, and its errors come
+    on every run. write_cache=False (`nsbox plan`) reads the cache but never writes it.
     """
     path = profile if profile is not None else DEFAULT_PROFILE
     with acting(STEP, f"reading {display_path(path)}"):
         content = path.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    key = _cache_key(path, content)
+    cache_file = (cache if cache is not None else cache_dir()) / f"{key}.json"
+    hit = _read_cache(cache_file, key, path, digest)
+    if hit is not None:
+        return hit
     parsed = parse_profile(path, content)
-    emitted, skipped = _resolve(parsed)  # validates names even when the cache answers
-    cache_file = (cache if cache is not None else cache_dir()) / f"{_cache_key(content)}.bpf"
-    bpf = _read_cache(cache_file)
-    cached = bpf is not None
-    if bpf is None:
-        bpf = _export(_new_filter(parsed, emitted), "export_bpf")
-        if write_cache:
-            _write_cache(cache_file, bpf)
-    return SeccompPlan(
+    emitted, skipped = _resolve(parsed)
+    compiled = SeccompPlan(
         profile=path,
-        sha256=hashlib.sha256(content).hexdigest(),
+        sha256=digest,
         rule_count=len(parsed.rules),
         default_action=str(parsed.default_action),
         description=parsed.description,
         architecture=_MACHINE,
         libseccomp=libseccomp_version(),
-        cached=cached,
+        cached=False,
         rules=tuple(RuleSummary(r.number, r.syscalls, str(r.action), tuple(str(c) for c in r.conditions), r.why)
                     for r in parsed.rules),
         skipped=tuple(skipped),
-        bpf=bpf,
+        bpf=_export(_new_filter(parsed, emitted), "export_bpf"),
     )
+    if write_cache and (lib := _loaded_libseccomp()) is not None:
+        _write_cache(cache_file, _cache_entry(key, compiled, lib))
+    return compiled
 
 
 def install(plan: SeccompPlan) -> int:  # role: AGENT, the very last step before execve
@@ -750,7 +942,9 @@ class Supervisor:
         if arch == 0xC000003E and nr & _X32_BIT:
             abi, nr = "x32", nr & ~_X32_BIT
         try:
-            name = pyseccomp.resolve_syscall(arch, nr)
+            # Loads libseccomp on the first kill only. The launcher is still in the host's
+            # mount namespace, so the library is where it was; if not, the number will do.
+            name = _libseccomp().resolve_syscall(arch, nr)
             return (name.decode() if isinstance(name, bytes) else str(name)), abi
         except Exception:
             return f"syscall {nr}", abi

@@ -1,18 +1,27 @@
-"""The command line: a thin layer over the Python API. Nothing else imports click."""
+"""The command line: a thin layer over the Python API. Nothing else imports click.
+
+The console script does not start here but in `command.main`: a plain `nsbox run` is
+parsed and run there without importing click (which costs more than a whole launch), and
+every other command line (help, errors, the other subcommands) comes here. run, plan and
+verify take the options of `command.RUN_OPTIONS`, the one definition of them; the click
+`run` command and the fast path call the same `command.run`.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
+from click.decorators import FC
 
-from nsbox import __version__, hints, limits
+import nsbox.command
+from nsbox import __version__
+from nsbox.command import RUN_JSON, RUN_OPTIONS, Opt, build_spec, command_argv, fail
 from nsbox.errors import ExitCode, StepError
-from nsbox.events import redact
 from nsbox.sandbox import Sandbox
 from nsbox.spec import SandboxSpec
 
@@ -42,109 +51,40 @@ def main() -> None:
     """nsbox: run a coding agent (or any command) on one project, in a rootless sandbox."""
 
 
-def _run_options(f: click.decorators.FC) -> click.decorators.FC:
-    options = [
+def _click_option(opt: Opt) -> Callable[[FC], FC]:
+    """The click option for one entry of RUN_OPTIONS (see nsbox/command.py)."""
+    settings: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar}
+    if opt.kind == "flag":
+        settings["is_flag"] = True
+    else:
+        types: dict[str, click.ParamType[Any]] = {"int": click.INT, "path": click.Path(path_type=Path),
+                                                  "str": click.STRING}
+        settings["type"] = click.Choice(opt.choices) if opt.choices else types[opt.type]
+        settings["multiple"] = opt.kind == "multiple"
+    if opt.default is not None:
+        settings.update(default=opt.default, show_default=True)
+    # Only what the entry sets: click tells an absent default from default=None.
+    return click.option(*opt.flags, opt.dest, **{k: v for k, v in settings.items() if v is not None})
+
+
+def _run_options(f: FC) -> FC:
+    """PROJECT, COMMAND... and the options of RUN_OPTIONS, in its order (the order of --help)."""
+    decorators = [
+        # command.parse_run reads these two the same way: PROJECT is the first argument
+        # after the options, COMMAND the rest, unprocessed.
         click.argument("project", required=False, type=click.Path(path_type=Path)),
         click.argument("command", nargs=-1, type=click.UNPROCESSED),
-        click.option("--uid", type=int, default=1000, show_default=True, help="Your uid inside (non-root by default)."),
-        click.option("--name", help="Sandbox name: selects the persistent $HOME (default: from the project path)."),
-        click.option("--fresh", is_flag=True, help="Wipe this sandbox's $HOME before starting."),
-        click.option("--hostname", default="nsbox", show_default=True),
-        click.option("--env", "env", multiple=True, metavar="NAME[=VALUE]",
-                     help="Pass NAME from your environment, or set it (repeatable)."),
-        click.option("--api-key-mode", type=click.Choice(["inject", "env", "none"]),
-                     help="inject (default): the proxy adds ANTHROPIC_API_KEY, the agent holds a placeholder; "
-                          "env: pass the key itself (it can leak); none: no key."),
-        click.option("--no-api-key", is_flag=True, help="Same as --api-key-mode none."),
-        click.option("--api-upstream", metavar="URL", help="Where injected API requests go (default: "
-                     "https://api.anthropic.com); for a gateway, or a test server."),
-        click.option("--writable-git", is_flag=True, help="Leave .git/hooks and .git/config writable."),
-        click.option("--ro-bind", "ro_binds", multiple=True, metavar="HOST[:INSIDE]",
-                     help="Also show a host path, read-only (at the same path, or at INSIDE)."),
-        click.option("--network", type=click.Choice(["none", "allowlist", "host"]),
-                     help="none: only loopback; allowlist: HTTP(S) through nsbox's proxy to allowed domains; "
-                          "host: the host's network, unfiltered. Default: allowlist for the agent, none otherwise."),
-        click.option("--allow-domain", "allow_domains", multiple=True, metavar="NAME[:PORT]",
-                     help="Allow NAME (or *.suffix) through the proxy; !NAME denies (repeatable)."),
-        click.option("--resolve", "resolve", multiple=True, metavar="NAME:PORT:ADDR",
-                     help="Pin NAME:PORT to ADDR, as curl does (also allows private addresses for it)."),
-        click.option("--seccomp-profile", metavar="NAME|FILE",
-                     help="default, permissive, or a profile file (our TOML, or Docker/OCI JSON)."),
-        click.option("--no-landlock", is_flag=True, help="Opt out of Landlock (same as --without landlock)."),
-        click.option("--without", "without", multiple=True, metavar="LAYER",
-                     help="Study mode: run with LAYER removed (caps, landlock, seccomp). Loudly unsafe."),
-        click.option("--image", metavar="REF", help="Use an image of the local store as / (an overlay: "
-                     "writes persist per --name, --fresh discards them). Default: the host's system dirs."),
-        click.option("--memory", metavar="SIZE", help="Memory limit (cgroup memory.max, no swap), e.g. 2G."),
-        click.option("--cpus", "--cpu", "cpus", metavar="N", help="CPU limit, fractional (cgroup cpu.max), e.g. 1.5."),
-        click.option("--pids", metavar="N", help="Process and thread limit (cgroup pids.max)."),
-        click.option("--limits", "limits_mode", type=click.Choice(["strict", "best-effort"]),
-                     help="strict (default): refuse a limit no cgroup can enforce; best-effort: accept "
-                     "weaker rlimits (said in the plan and the report)."),
-        click.option("--pull", type=click.Choice(["missing", "always", "never"]), default="missing",
-                     show_default=True, help="With --image: pull from its registry when missing from the store "
-                     "(missing), every time (always), or never."),
-        click.option("--timeout", metavar="DURATION", help="End the sandbox after this long (30m, 90s); exit 124."),
-        click.option("--disk", metavar="SIZE", help="Cap /tmp and /dev/shm (tmpfs size=), e.g. 512M."),
-        click.option("--log", "log", type=click.Path(path_type=Path), help="Write JSON-lines events here."),
-        click.option("--verbose", "-v", is_flag=True, help="Print each launch step as it completes."),
+        *(_click_option(opt) for opt in RUN_OPTIONS),
     ]
-    for option in reversed(options):
-        f = option(f)
+    for decorator in reversed(decorators):
+        f = decorator(f)
     return f
-
-
-# What each removable layer protects: printed when --without removes it.
-UNPROTECTED = {
-    "caps": "the agent keeps its bounding set and securebits are not locked",
-    "landlock": "file access is limited only by the mount table and permissions",
-    "seccomp": "every syscall reaches the kernel (io_uring, keyctl, bpf, ptrace, AF_VSOCK, TIOCSTI...)",
-}
-
-
-def _spec(opts: dict[str, Any], trace: bool) -> SandboxSpec:
-    if opts.pop("no_landlock") and "landlock" not in opts["without"]:
-        opts["without"] = (*opts["without"], "landlock")
-    for layer in opts["without"]:
-        if layer in UNPROTECTED:
-            click.echo(f"nsbox: warning: --without {layer}: {UNPROTECTED[layer]}", err=True)
-    if opts["network"] == "host":
-        click.echo("nsbox: warning: --network host: the agent shares the host's network, unfiltered "
-                   "(every host service on 127.0.0.1, every address)", err=True)
-    key_mode = "none" if opts["no_api_key"] else opts["api_key_mode"]
-    timeout = limits.parse_duration(opts["timeout"]) if opts["timeout"] else None
-    disk = limits.parse_size(opts["disk"]) if opts["disk"] else None
-    return SandboxSpec(project=opts["project"] or Path.cwd(), uid=opts["uid"], name=opts["name"],
-                       fresh=opts["fresh"], hostname=opts["hostname"], env=opts["env"],
-                       api_key_mode=key_mode, writable_git=opts["writable_git"], network=opts["network"],
-                       allow_domains=opts["allow_domains"], resolve=opts["resolve"],
-                       api_upstream=opts["api_upstream"], ro_binds=opts["ro_binds"], trace=trace,
-                       seccomp_profile=opts["seccomp_profile"], without=opts["without"], timeout=timeout, disk=disk,
-                       image=opts["image"], pull=opts["pull"],
-                       memory=limits.parse_size(opts["memory"]) if opts["memory"] else None,
-                       cpus=limits.parse_cpus(opts["cpus"]) if opts["cpus"] else None,
-                       pids=limits.parse_pids(opts["pids"]) if opts["pids"] else None,
-                       limits=opts["limits_mode"])
-
-
-def _fail(e: StepError) -> NoReturn:
-    click.echo(hints.explain(e).render(), err=True)
-    sys.exit(e.exit_code)
-
-
-def _command(command: tuple[str, ...]) -> list[str] | None:
-    # `nsbox run PROJECT -- CMD ...`: click keeps a "--" that follows the first argument.
-    args = list(command)
-    if args and args[0] == "--":
-        args = args[1:]
-    return args or None
 
 
 @main.command(context_settings={"allow_interspersed_args": False})
 @_run_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result (status, signal, flags, usage) as one "
-              "JSON object, the last line of stdout.")
-def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool, **opts: Any) -> None:
+@_click_option(RUN_JSON)
+def run(**params: Any) -> None:
     """Run COMMAND (default: claude --dangerously-skip-permissions) on PROJECT (default: .).
 
     \b
@@ -152,66 +92,9 @@ def run(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: bool
       nsbox run                      the agent, on the current directory
       nsbox run ~/src/app -- bash    a shell, on ~/src/app
     """
-    try:
-        spec = _spec(opts, trace=bool(log or verbose))
-        _reexec_in_a_delegated_scope_if_needed(spec)
-    except StepError as e:
-        _fail(e)
-    sandbox = Sandbox(spec)
-    secrets = sandbox.secrets()
-    log_file = open(log, "a", buffering=1) if log else None  # noqa: SIM115 - open for the whole run
-
-    def on_event(event: dict[str, Any]) -> None:
-        if verbose and event.get("event") == "step.ok":
-            click.echo(f"nsbox: {event.get('role')}: {event.get('step')} ok", err=True)
-        if event.get("event") == "warning":
-            click.echo(f"nsbox: warning: {event['message']}", err=True)
-        if event.get("event") == "limits":
-            for line in event["lines"] if verbose else event["weaker"]:
-                click.echo(f"nsbox: {'limit' if verbose else 'warning'}: {line}", err=True)
-        if log_file is not None:
-            log_file.write(redact(event, secrets) + "\n")
-
-    try:
-        result = sandbox.run(_command(command), on_event=on_event)
-        summary = {"event": "sandbox.exit", "status": result.status, "signal": result.signal,
-                   "flags": sorted(result.flags), "usage": result.usage, "error": result.error}
-        if log_file is not None:
-            log_file.write(redact(summary, secrets) + "\n")
-    finally:
-        if log_file is not None:
-            log_file.close()
-    if result.error:
-        click.echo(result.error, err=True)
-    if verbose and result.usage:
-        u = result.usage
-        peak = f"{u['memory_peak'] / 2**20:.1f} MiB" if u.get("memory_peak") is not None else "unknown"
-        cpu = f"{(u.get('cpu_usec') or 0) / 1e6:.2f}s"
-        click.echo(f"nsbox: usage ({u['mechanism']}): cpu {cpu}, peak memory {peak}, "
-                   f"oom kills {u.get('oom_kills', 0)}, pids-limit hits {u.get('pids_max_hits', 0)}", err=True)
-    for violation in result.violations:  # for the user, and for an agent that reads our stderr
-        click.echo(f"nsbox: {violation['message']}", err=True)
-    if as_json:  # for CI runners: one object, the last line of stdout
-        click.echo(json.dumps(summary))
-    # Everything is reported and closed (the proxy stopped, the log written): skip the
-    # interpreter's teardown, which costs more than the launch itself (scripts/bench).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(result.status)
-
-
-def _reexec_in_a_delegated_scope_if_needed(spec: SandboxSpec) -> None:
-    """Limits only a systemd user scope can enforce: re-execute nsbox inside one."""
-    from nsbox.layers import cgroups
-
-    if spec.memory is None and spec.cpus is None and spec.pids is None:
-        return
-    plan = cgroups.plan(spec.memory, spec.cpus, spec.pids, best_effort=True)
-    argv = cgroups.scope_reexec_argv([sys.executable, "-m", "nsbox", *sys.argv[1:]])
-    if plan.backend == cgroups.SCOPE and argv is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execvp(argv[0], argv)
+    # Reached when command.parse_run left the command line to click (which accepted it)
+    # or from Python (tests call cli.run); the run itself is the same function.
+    nsbox.command.run(params)
 
 
 @main.command()
@@ -223,10 +106,10 @@ def plan(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: boo
     from nsbox.spec import REMOVABLE_LAYERS
 
     try:
-        spec = _spec(opts, trace=False)
-        layers = Sandbox(spec).plan(_command(command))
+        spec = build_spec(opts, trace=False)
+        layers = Sandbox(spec).plan(command_argv(command))
     except StepError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         click.echo(json.dumps({
             "sequence": [{"n": i, "who": s.who, "step": s.id, "why": s.why} for i, s in enumerate(SEQUENCE, 1)],
@@ -300,9 +183,9 @@ def verify(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: b
     and the checks whose answer changed are listed: the lesson of that layer.
     """
     try:
-        spec = _spec(opts, trace=False)
+        spec = build_spec(opts, trace=False)
     except StepError as e:
-        _fail(e)
+        fail(e)
     rows = _verify_once(spec)
     changed = None
     if spec.without:
@@ -387,7 +270,7 @@ def seccomp_show(profile: str, form: str | None) -> None:
             for line in layer.plan(path).describe():
                 click.echo(line)
     except StepError as e:
-        _fail(e)
+        fail(e)
 
 
 # ---- nsbox image ------------------------------------------------------------------------
@@ -402,7 +285,7 @@ def _store_call(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except StepError as e:
-        _fail(e)
+        fail(e)
 
 
 @image.command("import")
@@ -496,7 +379,7 @@ def gc(dry_run: bool) -> None:
     try:
         report = gc_module.collect(dry_run)
     except StepError as e:
-        _fail(e)
+        fail(e)
     verb = "would remove" if dry_run else "removed"
     for path, what in report.removed:
         click.echo(f"{verb} {path} ({what})")

@@ -62,7 +62,11 @@ class Opt:
 
     def absent(self) -> Any:
         """The value click gives when the option is not on the command line."""
-        return {"flag": False, "multiple": ()}.get(self.kind, self.default)
+        if self.kind == "flag":
+            return False
+        if self.kind == "multiple":
+            return ()
+        return self.default
 
 
 # Besides these options, run/plan/verify take two arguments (built in cli.py, read by
@@ -164,7 +168,10 @@ def parse_run(argv: Sequence[str]) -> dict[str, Any] | None:
     combined short flags (-vv), a flag given a value, a missing value, a value that is not
     one of the choices or not a plain integer, an existing path that is not readable, a
     NUL byte. `main` then lets click parse the same argv, so the user sees click's help
-    or error (exit 0 or 125), exactly as before this fast path existed.
+    or error (exit 0 or 125), exactly as before this fast path existed. None also for a
+    few lines click accepts but people do not type (" 7" as an integer, a bad value
+    later overridden): declining costs only click's import, agreeing wrongly would
+    change a command.
     """
     if any("\0" in arg for arg in argv):  # impossible in a real argv; os.stat would raise ValueError
         return None

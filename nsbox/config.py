@@ -159,8 +159,6 @@ CONFIG_KEYS: dict[str, type] = {
 
 def load_config(path: Path | None = None) -> dict[str, object]:
     """Read `$XDG_CONFIG_HOME/nsbox/config.toml` (absent: no settings). Never from the project."""
-    import tomllib
-
     from nsbox.errors import StepError
 
     path = path or config_home() / "config.toml"
@@ -170,6 +168,8 @@ def load_config(path: Path | None = None) -> dict[str, object]:
         return {}
     except OSError as e:
         raise StepError("config.load", f"read {path}", e.errno) from e
+    import tomllib  # only with a config file: most runs have none, and the parser costs ~5 ms
+
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

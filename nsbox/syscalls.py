@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from enum import IntFlag
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -22,7 +21,7 @@ _NR: dict[str, dict[str, int]] = {
     "x86_64": {"pivot_root": 155, "close_range": 436, "mount_setattr": 442, "seccomp": 317},
     "aarch64": {"pivot_root": 41, "close_range": 436, "mount_setattr": 442, "seccomp": 277},
 }
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine  # what platform.machine() answers, without importing platform
 
 
 class CloneFlag(IntFlag):

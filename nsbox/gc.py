@@ -21,6 +21,11 @@ each by killing real launchers):
     seccomp/.tmp-*                a compiled filter being cached (only when older than an hour:
                                   no lock guards the cache)
 
+and one kind of file no nsbox reads any more:
+
+    seccomp/*.bpf                 a filter cached in the format before whole plans were
+                                  cached (seccomp/<key>.json); never read, safe to remove
+
 Each is removed only under the lock its writer holds, taken without waiting: the store's
 exclusive `store.lock` (every writer of the store holds it shared or exclusive), then the
 `unpack-<chain>.lock`; the sandbox's name lock (`config.claim`). A lock held by a live nsbox
@@ -134,6 +139,9 @@ def _cache(root: Path, dry_run: bool, report: Report, now: float) -> None:
             _remove(tmp, "an interrupted seccomp cache write", dry_run, report)
         else:
             report.skipped.append((tmp, "a seccomp cache write less than an hour old (may be in progress)"))
+    for old in _entries(root / "seccomp"):
+        if old.suffix == ".bpf":
+            _remove(old, "a seccomp filter cached in the old format (no longer read)", dry_run, report)
 
 
 def collect(dry_run: bool = False, now: float | None = None) -> Report:

@@ -145,18 +145,22 @@ def test_gc_removes_each_kind_of_store_leftover_and_nothing_else(env, project, t
             (path / "usr").chmod(0o555)  # an image's read-only directory
         else:
             path.write_bytes(b"half")
+    assert _nsbox(env, "run", "--network", "none", str(project), "--", "true").returncode == 0  # caches a filter
     cache = Path(env["XDG_CACHE_HOME"]) / "nsbox" / "seccomp"
-    cache.mkdir(parents=True, exist_ok=True)
     old_tmp, new_tmp = cache / ".tmp-old", cache / ".tmp-new"
     old_tmp.write_bytes(b"\0" * 8)
     new_tmp.write_bytes(b"\0" * 8)
+    old_format = cache / ("d" * 64 + ".bpf")  # what nsbox cached before whole plans (<key>.json)
+    old_format.write_bytes(b"\0" * 8)
+    current = sorted(cache.glob("*.json"))  # this run's cache entries: in use, kept
     os.utime(old_tmp, (time.time() - 7200,) * 2)
     keep = ru.tree_state(data / "blobs"), (data / "index.json").read_bytes(), sorted(os.listdir(data / "rootfs"))
     r = _nsbox(env, "gc")
     assert r.returncode == 0, r.stderr
-    for path in [*planted, old_tmp]:
+    for path in [*planted, old_tmp, old_format]:
         assert f"removed {path} (" in r.stdout and not os.path.lexists(path), r.stdout
     assert f"skipped {new_tmp}" in r.stdout and new_tmp.exists()
+    assert current and all(p.exists() for p in current)
     after = ru.tree_state(data / "blobs"), (data / "index.json").read_bytes(), sorted(os.listdir(data / "rootfs"))
     assert after[:2] == keep[:2]
     assert after[2] == [n for n in keep[2] if not n.startswith(".")] and len(after[2]) == 1

@@ -18,7 +18,6 @@ import contextlib
 import errno as errno_mod
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -33,17 +32,26 @@ class ExitCode(IntEnum):
     SIGNAL_BASE = 128  # 128+N: the command was killed by signal N
 
 
-@dataclass(eq=False)
 class StepError(Exception):
-    """A launch step failed. `step` is the row id in launch.SEQUENCE."""
+    """A launch step failed. `step` is the row id in launch.SEQUENCE.
 
-    step: str
-    action: str
-    errno: int | None = None
-    detail: str | None = None  # words for failures that are not an errno
-    exit_code: int = ExitCode.NSBOX
-    why: str | None = None
-    fix: str | None = None
+    Mutable on purpose: hints.explain() fills `why` and `fix` in the launcher. Compared by
+    identity, as any exception.
+    """
+
+    def __init__(self, step: str, action: str, errno: int | None = None, detail: str | None = None,
+                 exit_code: int = ExitCode.NSBOX, why: str | None = None, fix: str | None = None) -> None:
+        self.step = step
+        self.action = action
+        self.errno = errno
+        self.detail = detail  # words for failures that are not an errno
+        self.exit_code = exit_code
+        self.why = why
+        self.fix = fix
+
+    def __repr__(self) -> str:
+        return (f"StepError(step={self.step!r}, action={self.action!r}, errno={self.errno!r}, "
+                f"detail={self.detail!r}, exit_code={self.exit_code!r}, why={self.why!r}, fix={self.fix!r})")
 
     def __str__(self) -> str:
         return self.render()

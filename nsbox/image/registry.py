@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import functools
 import http.client
 import ipaddress
@@ -720,7 +719,7 @@ class Progress:
 
 
 def _as_pull_error(e: StepError) -> StepError:
-    return e if e.step == STEP else dataclasses.replace(e, step=STEP)
+    return e if e.step == STEP else StepError(STEP, e.action, e.errno, e.detail, e.exit_code, e.why, e.fix)
 
 
 def pull(ref: str | Reference, platform: str | Platform | None = None, tls_ca: str | Path | None = None,

@@ -189,9 +189,7 @@ def verify(command: tuple[str, ...], log: Path | None, verbose: bool, as_json: b
     rows = _verify_once(spec)
     changed = None
     if spec.without:
-        import dataclasses
-
-        changed = _changes(_verify_once(dataclasses.replace(spec, without=())), rows)
+        changed = _changes(_verify_once(spec._replace(without=())), rows)
     failed = [r for r in rows if not r["ok"]]
     ok = bool(rows) and not failed
     if as_json:

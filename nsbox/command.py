@@ -28,9 +28,8 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 from nsbox.errors import ExitCode, StepError
 
@@ -38,8 +37,7 @@ if TYPE_CHECKING:
     from nsbox.spec import SandboxSpec
 
 
-@dataclass(frozen=True)
-class Opt:
+class Opt(NamedTuple):
     """One option of `nsbox run` (and of `plan` and `verify`, which take the same ones).
 
     `flags` are its spellings, the first one the name shown in help ("--cpus", then its

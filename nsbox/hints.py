@@ -9,13 +9,12 @@ a failed run and the doctor give the same reason and the same fix.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nsbox.errors import StepError
 
 
-@dataclass(frozen=True)
-class Hint:
+class Hint(NamedTuple):
     step: str  # a step id, or a prefix ending in "." for a whole layer
     errno: int | None
     why: str

@@ -18,14 +18,12 @@ orderings that matter for security.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import select
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nsbox import config, limits, probe, process, syscalls, terminal
 from nsbox.errors import ExitCode, StepError
@@ -41,8 +39,7 @@ if TYPE_CHECKING:  # imported where used: a run without --image or a proxy never
 LAUNCHER, HOLDER, INIT, AGENT = "launcher", "holder", "init", "agent"
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     who: str
     id: str
     why: str
@@ -148,8 +145,7 @@ class Steps:
             self.events.append(event)
 
 
-@dataclass(frozen=True)
-class Plans:
+class Plans(NamedTuple):
     spec: SandboxSpec
     userns: userns.UserNsPlan
     mountns: mountns.MountNsPlan
@@ -169,15 +165,14 @@ class Plans:
             ("userns", self.userns.describe()), ("mountns", self.mountns.describe()),
             ("pidns", self.pidns.describe()), ("netns", self.netns.describe()),
             ("utsns", self.utsns.describe()), ("cgroups", self.cgroups.describe()),
-            ("caps", self.caps.describe() if self.caps else off), ("nnp", self.nnp.describe()),
-            ("landlock", self.landlock.describe() if self.landlock else off),
-            ("seccomp", self.seccomp.describe() if self.seccomp else off),
+            ("caps", self.caps.describe() if self.caps is not None else off), ("nnp", self.nnp.describe()),
+            ("landlock", self.landlock.describe() if self.landlock is not None else off),
+            ("seccomp", self.seccomp.describe() if self.seccomp is not None else off),
             ("execve", self.execve.describe()),
         ]
 
 
-@dataclass(frozen=True)
-class ImageRoot:
+class ImageRoot(NamedTuple):
     """An image's unpacked tree (held in use by the launcher) and its config."""
 
     rootfs: str
@@ -192,8 +187,7 @@ def _with_config_defaults(spec: SandboxSpec, settings: dict[str, object]) -> San
         return str(value) if value is not None else None
 
     memory, cpus, pids, timeout, disk = (get(k) for k in ("memory", "cpus", "pids", "timeout", "disk"))
-    return dataclasses.replace(
-        spec,
+    return spec._replace(
         memory=spec.memory if spec.memory is not None or memory is None else limits.parse_size(memory),
         cpus=spec.cpus if spec.cpus is not None or cpus is None else limits.parse_cpus(cpus),
         pids=spec.pids if spec.pids is not None or pids is None else limits.parse_pids(pids),
@@ -245,20 +239,25 @@ def make_plans(spec: SandboxSpec, command: tuple[str, ...] | None, tty: bool, ho
     )
 
 
-@dataclass
 class Outcome:
-    """What the launcher learned: the agent's status, or the error that stopped the launch."""
+    """What the launcher learned: the agent's status, or the error that stopped the launch.
 
-    status: AgentStatus | None = None
-    error: StepError | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
-    timed_out: bool = False
-    usage: dict[str, Any] | None = None  # what the cgroup counted (peak memory, CPU, OOM kills...)
-    rusage: Any = None  # the holder's wait4 rusage: the whole sandbox, since every level reaps
-    probe: list[dict[str, Any]] | None = None  # nsbox verify: the checks from inside
-    kill_rules: tuple[str, ...] = ()  # the `why` of each seccomp rule that kills, for a SIGSYS report
-    timeout: float | None = None  # the --timeout in force (from the flag or config.toml)
-    seccomp_kills: list[dict[str, Any]] = field(default_factory=list)  # calls the filter killed, named
+    Filled in as the run goes (the supervisor sets fields and appends events), hence a
+    plain mutable class.
+    """
+
+    def __init__(self, status: AgentStatus | None = None, error: StepError | None = None,
+                 events: list[dict[str, Any]] | None = None, timeout: float | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.events: list[dict[str, Any]] = [] if events is None else events  # the caller's list, shared
+        self.timed_out = False
+        self.usage: dict[str, Any] | None = None  # what the cgroup counted (peak memory, CPU, OOM kills...)
+        self.rusage: Any = None  # the holder's wait4 rusage: the whole sandbox, since every level reaps
+        self.probe: list[dict[str, Any]] | None = None  # nsbox verify: the checks from inside
+        self.kill_rules: tuple[str, ...] = ()  # the `why` of each seccomp rule that kills, for a SIGSYS report
+        self.timeout = timeout  # the --timeout in force (from the flag or config.toml)
+        self.seccomp_kills: list[dict[str, Any]] = []  # calls the filter killed, named
 
     @property
     def exit_code(self) -> int:

@@ -25,8 +25,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from nsbox import syscalls
 from nsbox.errors import ExitCode, StepError
@@ -168,8 +167,7 @@ def exit_code_of(wait_status: int) -> int:
     return os.waitstatus_to_exitcode(wait_status)
 
 
-@dataclass(frozen=True)
-class AgentStatus:
+class AgentStatus(NamedTuple):
     """How the agent ended: its exit code or the signal that killed it."""
 
     exit_code: int

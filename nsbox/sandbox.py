@@ -13,24 +13,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from nsbox import events, hints, launch
 from nsbox.errors import ExitCode
 from nsbox.spec import SandboxSpec
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     status: int  # the exit status nsbox returns: the agent's, 128+N, or 125/126/127
     signal: int | None = None  # the signal that killed the agent, if one did
     error: str | None = None  # the rendered nsbox error (first line `nsbox: <step>: ...`)
     flags: frozenset[str] = frozenset()  # e.g. {"launch-failed", "signaled"}
-    events: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    events: tuple[dict[str, Any], ...] = ()  # every audit event; left out of repr (long)
     checks: tuple[dict[str, Any], ...] = ()  # nsbox verify: (layer, check, expected, actual, ok)
     usage: dict[str, Any] | None = None  # cgroup counters: memory_peak, cpu_usec, oom_kills, ...
     violations: tuple[dict[str, Any], ...] = ()  # what was refused or stopped: {"kind", "message", ...}
+
+    def __repr__(self) -> str:
+        return (f"Result(status={self.status!r}, signal={self.signal!r}, error={self.error!r}, flags={self.flags!r}, "
+                f"checks={self.checks!r}, usage={self.usage!r}, violations={self.violations!r})")
 
     @property
     def ok(self) -> bool:
@@ -79,7 +81,7 @@ class Sandbox:
             error = hints.explain(outcome.error).render()
             if outcome.status is None or outcome.error.exit_code in (ExitCode.NOT_FOUND, ExitCode.NOT_EXECUTABLE):
                 flags.add("launch-failed")
-        sig = outcome.status.signal if outcome.status else None
+        sig = outcome.status.signal if outcome.status is not None else None
         if sig is not None:
             flags.add("signaled")
         if outcome.timed_out:
@@ -100,9 +102,7 @@ class Sandbox:
 
     def verify(self) -> Result:
         """Build this sandbox and run the self-checks inside it, after every layer."""
-        import dataclasses
-
-        return Sandbox(dataclasses.replace(self.spec, probe=True)).run(["true"])
+        return Sandbox(self.spec._replace(probe=True)).run(["true"])
 
 
 def _planned_image(spec: SandboxSpec) -> launch.ImageRoot:

@@ -7,11 +7,10 @@ never half-starts a sandbox.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from nsbox import config
 from nsbox.errors import usage_error
@@ -33,11 +32,10 @@ PULL_POLICIES = ("missing", "always", "never")  # nsbox run --pull, as podman's
 REMOVABLE_LAYERS = ("caps", "landlock", "seccomp")
 
 
-@dataclass(frozen=True)
-class SandboxSpec:
+class SandboxSpec(NamedTuple):
     """One sandbox run. Paths are host paths; `project` is mounted at the same path inside."""
 
-    project: Path = field(default_factory=Path.cwd)
+    project: Path = Path(".")  # the current directory, made absolute by resolved()
     uid: int = 1000
     gid: int | None = None  # default: the same number as uid
     name: str | None = None  # default: derived from the project path
@@ -108,4 +106,4 @@ class SandboxSpec:
             if layer not in REMOVABLE_LAYERS:
                 raise usage_error("spec.validate", f"--without {layer!r}: not a layer that can be removed",
                                   fix="one of: " + ", ".join(REMOVABLE_LAYERS))
-        return dataclasses.replace(self, project=project, gid=gid, name=name)
+        return self._replace(project=project, gid=gid, name=name)

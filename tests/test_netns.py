@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import NSBOX, sh
 
+from nsbox.layers import netns
+
 PROBE = """
 import errno, socket, sys
 s = socket.socket()
@@ -86,6 +88,15 @@ def test_links_over_rtnetlink_import_nothing_after_load_netlink():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["[]", "['lo']"]
+
+
+def test_the_plan_never_prints_the_api_key(tmp_path):
+    key = "sk-ant-api03-REAL-secret-key-0123456789abcdefghijklmnopqrstuvwxyz"
+    plan = netns.plan("allowlist", ("example.com",), (), key, None, tmp_path)
+    assert plan.proxy is not None and plan.proxy.api is not None  # the key is in there
+    for shown in (repr(plan), str(plan), f"{plan}", repr((plan,)), "\n".join(plan.describe())):
+        assert key not in shown
+    assert repr(plan) == f"NetNsPlan(mode='allowlist', rules_source={plan.rules_source!r})"
 
 
 def test_hostname_is_nsbox_and_settable(nsbox):

@@ -34,13 +34,11 @@ Verify:      /proc/self/status shows CapInh, CapPrm, CapEff, CapBnd and CapAmb a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import prctl  # python-prctl ships no type hints: pyproject's mypy override treats it as Any
 
 from nsbox import syscalls
 from nsbox.errors import StepError, acting
+from nsbox.layers import FieldlessPlan
 
 STEP = "caps.drop"
 
@@ -66,10 +64,7 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 
-@dataclass(frozen=True, slots=True)
-class CapsPlan:
-    name: ClassVar[str] = "caps"
-
+class CapsPlan(FieldlessPlan):
     def describe(self) -> list[str]:
         return [
             "drop every capability: bounding, ambient, inheritable, permitted and effective sets emptied",

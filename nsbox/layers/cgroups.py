@@ -60,9 +60,8 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nsbox.errors import StepError, acting
 
@@ -94,8 +93,7 @@ def format_size(n: int) -> str:
 # ---- what the host allows -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CgroupHost:
+class CgroupHost(NamedTuple):
     """What this host and user may do with cgroups. `probe()` fills it; tests may build one."""
 
     v2_base: str | None = None  # the delegated cgroup v2 directory leaves would go beneath
@@ -253,8 +251,7 @@ def probe() -> CgroupHost:
 # ---- the plan -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Limit:
+class Limit(NamedTuple):
     name: str  # "memory" | "cpus" | "pids"
     value: float  # bytes, CPUs, processes
     mechanism: str  # one of MECHANISMS
@@ -265,11 +262,13 @@ class Limit:
         return f"cpus {self.value:g}" if self.name == "cpus" else f"pids {int(self.value)}"
 
 
-@dataclass(frozen=True)
-class CgroupPlan:
+class CgroupPlan(NamedTuple):
     limits: tuple[Limit, ...]
-    host: CgroupHost = field(repr=False)
+    host: CgroupHost  # what the plan was chosen from; left out of repr (long, and not the plan)
     controllers: tuple[str, ...] = ()  # v2: what the leaf needs enabled
+
+    def __repr__(self) -> str:
+        return f"CgroupPlan(limits={self.limits!r}, controllers={self.controllers!r})"
 
     def mechanism(self, name: str) -> str:
         """The mechanism enforcing limit `name` ("memory", "cpus", "pids"); "none" if not asked."""
@@ -392,16 +391,19 @@ def scope_reexec_argv(argv: list[str]) -> list[str] | None:
 # ---- the cgroup itself (role LAUNCHER) -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Cgroup:
+class Cgroup(NamedTuple):
     """A sandbox's cgroup, made by create(); what usage(), kill() and remove() need."""
 
     mechanism: str  # cgroup2 or cgroup1
     leaves: tuple[str, ...]  # cgroup2: one directory; cgroup1: one per hierarchy
-    plan: CgroupPlan = field(repr=False)
+    plan: CgroupPlan  # left out of repr
     base: str | None = None  # cgroup2: the cgroup nsbox runs in, parent of the leaf
     launcher_leaf: str | None = None  # cgroup2: where nsbox moved itself, if it did
     enabled: tuple[str, ...] = ()  # controllers nsbox enabled in base (and disables again)
+
+    def __repr__(self) -> str:
+        return (f"Cgroup(mechanism={self.mechanism!r}, leaves={self.leaves!r}, base={self.base!r}, "
+                f"launcher_leaf={self.launcher_leaf!r}, enabled={self.enabled!r})")
 
     @property
     def path(self) -> str:

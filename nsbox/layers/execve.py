@@ -29,7 +29,7 @@ import fcntl
 import os
 import shutil
 import signal
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nsbox import syscalls
 from nsbox.errors import ExitCode, StepError, acting, usage_error
@@ -44,8 +44,7 @@ IMAGE_ENV_REFUSED_PREFIXES = ("LD_",)  # LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT..
 IMAGE_ENV_REFUSED = ("HOME", "USER", "LOGNAME", "SHELL", "BASH_ENV", "ENV", "PYTHONSTARTUP")
 
 
-@dataclass(frozen=True)
-class ExecvePlan:
+class ExecvePlan(NamedTuple):
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     cwd: str

@@ -33,8 +33,7 @@ import errno as errno_mod
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import NamedTuple
 
 from nsbox import syscalls
 from nsbox.errors import StepError, acting
@@ -76,10 +75,7 @@ def fs_rights(abi: int) -> int:
     return FS_RIGHTS_BY_ABI[min(abi, max(FS_RIGHTS_BY_ABI))] if abi > 0 else 0
 
 
-@dataclass(frozen=True, slots=True)
-class LandlockPlan:
-    name: ClassVar[str] = "landlock"
-
+class LandlockPlan(NamedTuple):
     abi: int  # 0: no Landlock on this kernel
     unavailable: str | None  # why, when abi == 0
     handled_fs: int

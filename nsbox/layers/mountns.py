@@ -34,7 +34,7 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nsbox import syscalls
 from nsbox.errors import StepError, acting, usage_error
@@ -56,8 +56,7 @@ _RW = MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NODEV
 _DEVICE = MountAttr.MOUNT_ATTR_NOSUID | MountAttr.MOUNT_ATTR_NOEXEC
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):
     """One entry of the new root. `target` is an inside path."""
 
     kind: str  # bind | tmpfs | devpts | symlink | file | dir
@@ -80,8 +79,7 @@ class Mount:
         return f"dir {self.target}"
 
 
-@dataclass(frozen=True)
-class Root:
+class Root(NamedTuple):
     """What / is: a fresh tmpfs (host mode), or an overlay on an image's unpacked tree."""
 
     image: str | None = None  # host path of the unpacked image (the overlay's lower layer)
@@ -96,11 +94,13 @@ class Root:
         return f"overlay: image {self.image} (read-only lower), writes go to {upper}"
 
 
-@dataclass(frozen=True)
-class MountNsPlan:
+FRESH_ROOT = Root()  # host mode: / is a fresh tmpfs
+
+
+class MountNsPlan(NamedTuple):
     mounts: tuple[Mount, ...]
     project: str
-    root: Root = Root()
+    root: Root = FRESH_ROOT
     project_writable: bool = True  # by the caller on the host: the mount cannot grant more
 
     def describe(self) -> list[str]:
@@ -127,7 +127,7 @@ def plan(
     writable_git: bool = False,
     extra_ro_binds: tuple[tuple[str, str, str], ...] = (),  # (host path, inside path, why)
     disk: int | None = None,
-    root: Root = Root(),
+    root: Root = FRESH_ROOT,
 ) -> MountNsPlan:
     """The mounts of a sandbox. Pure, except for lstat() of the host paths it names."""
     _depth_ok(project)

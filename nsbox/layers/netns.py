@@ -37,9 +37,8 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nsbox.errors import acting, usage_error
 
@@ -64,8 +63,7 @@ IFREQ_FLAGS = struct.Struct("=16sH22x")
 _IPRoute: Any = None
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(NamedTuple):
     """One interface as rtnetlink reports it (RTM_GETLINK and RTM_GETADDR dumps)."""
 
     name: str
@@ -74,11 +72,13 @@ class Link:
     addresses: tuple[str, ...]  # "127.0.0.1/8", "::1/128": IPv4 first, then IPv6
 
 
-@dataclass(frozen=True)
-class NetNsPlan:
+class NetNsPlan(NamedTuple):
     mode: str
-    proxy: net.ProxyConfig | None = field(default=None, repr=False)  # holds the real key: never printed
+    proxy: net.ProxyConfig | None = None  # holds the real API key: never printed (see __repr__)
     rules_source: str = ""
+
+    def __repr__(self) -> str:
+        return f"NetNsPlan(mode={self.mode!r}, rules_source={self.rules_source!r})"  # no proxy: it holds the key
 
     @property
     def unshare(self) -> bool:

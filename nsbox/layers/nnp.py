@@ -20,19 +20,14 @@ Verify:      /proc/self/status shows "NoNewPrivs: 1" in the agent and in its gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from nsbox import syscalls
 from nsbox.errors import acting
+from nsbox.layers import FieldlessPlan
 
 PR_GET_NO_NEW_PRIVS = 39
 
 
-@dataclass(frozen=True, slots=True)
-class NoNewPrivsPlan:
-    name: ClassVar[str] = "nnp"
-
+class NoNewPrivsPlan(FieldlessPlan):
     def describe(self) -> list[str]:
         return ["set no_new_privs (PR_SET_NO_NEW_PRIVS=1): setuid bits and file capabilities stop "
                 "working for the agent and everything it starts"]

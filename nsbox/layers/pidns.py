@@ -30,10 +30,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from dataclasses import dataclass
 
 from nsbox import syscalls
 from nsbox.errors import acting
+from nsbox.layers import FieldlessPlan
 from nsbox.syscalls import MountAttr, MountFlag
 
 # runc's defaults (config.go: MaskedPaths, ReadonlyPaths).
@@ -46,8 +46,7 @@ READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys")
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-@dataclass(frozen=True)
-class PidNsPlan:
+class PidNsPlan(FieldlessPlan):
     def describe(self) -> list[str]:
         return [
             "new PID namespace: init is PID 1 (reaps orphans, forwards "

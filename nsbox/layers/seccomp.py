@@ -58,9 +58,8 @@ import signal
 import stat
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from nsbox import syscalls
 from nsbox.errors import StepError, acting
@@ -114,8 +113,7 @@ _OCI_ACTIONS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Action:
+class Action(NamedTuple):
     """What the filter answers: allow, errno N, kill_process, kill_thread, trap or log."""
 
     kind: str
@@ -138,11 +136,10 @@ class Action:
         }[self.kind])
 
 
-@dataclass(frozen=True, slots=True)
-class Condition:
+class Condition(NamedTuple):
     """One argument comparison. masked_eq means (arg & mask) == value."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the argument's number; shadows tuple.index, deliberately
     op: str
     value: int
     mask: int = 0
@@ -161,8 +158,7 @@ class Condition:
         return lib.Arg(self.index, op, self.value)
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     """One rule of a profile; `number` counts from 1 in file order (for error messages)."""
 
     number: int
@@ -173,8 +169,7 @@ class Rule:
     why: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Profile:
+class Profile(NamedTuple):
     path: Path
     format: str  # "toml" or "oci-json"
     description: str
@@ -408,8 +403,7 @@ def _oci_condition(path: Path, n: int, a: object) -> Condition:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Emitted:
+class Emitted(NamedTuple):
     """One rule exactly as handed to libseccomp."""
 
     nr: int
@@ -776,8 +770,7 @@ def _write_cache(path: Path, entry: bytes) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RuleSummary:
+class RuleSummary(NamedTuple):
     number: int
     syscalls: tuple[str, ...]
     action: str
@@ -785,10 +778,7 @@ class RuleSummary:
     why: str
 
 
-@dataclass(frozen=True, slots=True)
-class SeccompPlan:
-    name: ClassVar[str] = "seccomp"
-
+class SeccompPlan(NamedTuple):
     profile: Path
     sha256: str  # of the profile file's bytes
     rule_count: int
@@ -799,7 +789,11 @@ class SeccompPlan:
     cached: bool  # True if the whole plan came from the cache (nothing was parsed or compiled)
     rules: tuple[RuleSummary, ...]
     skipped: tuple[str, ...]  # names not on this arch or unknown to this libseccomp
-    bpf: bytes = field(repr=False)
+    bpf: bytes  # the filter itself: left out of repr (thousands of bytes), counted in `instructions`
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self, strict=True) if name != "bpf")
+        return f"SeccompPlan({shown})"
 
     @property
     def instructions(self) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nsbox import syscalls
 from nsbox.errors import acting
@@ -33,8 +33,7 @@ from nsbox.spec import SandboxSpec
 from nsbox.syscalls import CloneFlag
 
 
-@dataclass(frozen=True)
-class UserNsPlan:
+class UserNsPlan(NamedTuple):
     outside_uid: int
     outside_gid: int
     inside_uid: int

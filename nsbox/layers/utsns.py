@@ -10,13 +10,12 @@ Verify:      `hostname` prints the chosen name (default "nsbox"); the agent's ow
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nsbox.errors import acting
 
 
-@dataclass(frozen=True)
-class UtsNsPlan:
+class UtsNsPlan(NamedTuple):
     hostname: str
 
     def describe(self) -> list[str]:

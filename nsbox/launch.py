@@ -323,7 +323,7 @@ def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | No
     mine, theirs = Channel.pair()
     errors = ErrorPipe()
     with step("process.fork_holder"):
-        holder_pid = process.fork_role("holder", lambda: holder(plans, theirs, errors), errors)
+        holder_pid = process.fork_role("holder", lambda: holder(plans, theirs, errors), errors, parent_end=mine)
     theirs.close()
     errors.close_write()
     outcome = Outcome(events=events, timeout=spec.timeout)
@@ -342,10 +342,12 @@ def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | No
                 if cg is not None:
                     cgroups.enter(cg, holder_pid)
             mine.send("maps-written")
-            # sync 2: the holder forked init; sync 3: init built the root.
-            init_msg, _ = mine.expect("init-forked")
-            ready, fds = mine.expect("root-ready") if init_msg["kind"] == "init-forked" else (init_msg, [])
-            if ready["kind"] == "root-ready":
+            # sync 2: the holder forked init; sync 3: init built the root. Two processes
+            # write these, so either may come first (under load, init's often does).
+            got = mine.expect_each("init-forked", "root-ready")
+            if "init-forked" in got and "root-ready" in got:
+                init_msg = got["init-forked"][0]
+                ready, fds = got["root-ready"]
                 pty_fd = fds.pop(0) if ready.get("pty") else None
                 with step("netns.serve_proxy"):
                     if ready.get("proxy"):
@@ -354,10 +356,17 @@ def _launch(plans: Plans, step: Steps, events: EventLog, cg: cgroups.Cgroup | No
                 with step("process.supervise"):
                     holder_status = _supervise(mine, holder_pid, int(init_msg["init_pid"]), pty_fd, outcome,
                                                spec.timeout, spec.timeout_grace, cg, plans.seccomp)
+            else:  # a child failed (the error pipe says why): the fds init sent are not used
+                for _, fds in got.values():
+                    for fd in fds:
+                        os.close(fd)
     finally:
         if proxy is not None:
             proxy.stop()
         if holder_status is None:
+            # The launch stopped before supervising: close our end first, so a child still
+            # waiting for its next message reads EOF and exits rather than wait for us.
+            mine.close()
             _, holder_status, outcome.rusage = os.wait4(holder_pid, 0)
         status = holder_status
         step.skip_to("cgroups.report")  # a failed launch skipped supervise: report all the same

@@ -70,8 +70,8 @@ class Channel:
             return {"kind": "eof"}, []
         return json.loads(payload), fds
 
-    def expect(self, kind: str) -> tuple[dict[str, Any], list[int]]:
-        """Wait for a message of `kind`, keeping step events that arrive first.
+    def expect(self, *kinds: str) -> tuple[dict[str, Any], list[int]]:
+        """Wait for a message of one of `kinds`, keeping step events that arrive first.
 
         Returns kind "eof" or "failed" instead when the other side died or reported an
         error; the caller then stops and lets the error pipe tell why.
@@ -81,11 +81,25 @@ class Channel:
             if msg["kind"] == "event":
                 self.events.append(msg)
                 continue
-            if msg["kind"] in (kind, "eof"):
+            if msg["kind"] in (*kinds, "eof"):
                 return msg, fds
             for fd in fds:
                 os.close(fd)
             return {"kind": "failed", "got": msg["kind"]}, []
+
+    def expect_each(self, *kinds: str) -> dict[str, tuple[dict[str, Any], list[int]]]:
+        """One message of each of `kinds`, in whatever order they come, by kind.
+
+        For messages sent by different processes over the same end: their order is the
+        scheduler's. Stops early at "eof" or "failed", which is then in the result too.
+        """
+        got: dict[str, tuple[dict[str, Any], list[int]]] = {}
+        while not all(k in got for k in kinds):
+            msg, fds = self.expect(*(k for k in kinds if k not in got))
+            got[msg["kind"]] = (msg, fds)
+            if msg["kind"] in ("eof", "failed"):
+                break
+        return got
 
     def close(self) -> None:
         self.sock.close()
@@ -122,11 +136,13 @@ class ErrorPipe:
         return records
 
 
-def fork_role(name: str, body: Callable[[], int], errors: ErrorPipe) -> int:
+def fork_role(name: str, body: Callable[[], int], errors: ErrorPipe, parent_end: Channel | None = None) -> int:
     """Fork a child that runs `body` and exits with its return value. Returns the pid.
 
     The child dies with its parent (PDEATHSIG), and any exception becomes one record on
-    the error pipe, never a traceback on the user's terminal.
+    the error pipe, never a traceback on the user's terminal. `parent_end`, the parent's
+    end of the channel, is closed in the child at once: then, when the parent closes its
+    copy or dies, the child's end reads EOF instead of waiting forever.
     """
     if thread_count() != 1:
         raise StepError(f"process.fork_{name}", "fork()", detail="refusing to fork a multi-threaded process")
@@ -142,6 +158,8 @@ def fork_role(name: str, body: Callable[[], int], errors: ErrorPipe) -> int:
         return pid
     code: int = ExitCode.NSBOX
     try:
+        if parent_end is not None:
+            parent_end.close()
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         # The parent may have died before PDEATHSIG was armed. (A child in a new PID
         # namespace sees getppid() == 0 because its parent lives outside it; that case

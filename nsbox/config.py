@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import os
 import re
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +58,14 @@ def sandbox_dir(name: str) -> Path:
     return data_home() / "sandboxes" / name
 
 
+def _rmtree(path: Path | str) -> None:
+    # shutil is imported here, not at the top: it loads the bz2 and lzma modules, a cost
+    # every run would pay at start for a removal that only --fresh and a sweep need.
+    import shutil
+
+    shutil.rmtree(path, onerror=_make_writable_and_retry)
+
+
 def _make_writable_and_retry(func: object, path: str, _exc: object) -> None:
     # The agent may leave read-only directories behind; rmtree needs write permission
     # on a directory to delete its entries.
@@ -66,7 +73,7 @@ def _make_writable_and_retry(func: object, path: str, _exc: object) -> None:
     os.chmod(parent, stat.S_IRWXU)
     if os.path.isdir(path) and not os.path.islink(path):
         os.chmod(path, stat.S_IRWXU)
-        shutil.rmtree(path, onerror=_make_writable_and_retry)
+        _rmtree(path)
     else:
         os.unlink(path)
 
@@ -109,13 +116,13 @@ def _wipe(path: Path) -> None:
     if path.exists():
         trash = path.parent / f".trash-{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
         os.rename(path, trash)
-        shutil.rmtree(trash, onerror=_make_writable_and_retry)
+        _rmtree(trash)
 
 
 def sweep_trash(name: str) -> None:
     """Remove what an interrupted --fresh of this sandbox left (call it holding `claim(name)`)."""
     for trash in sandbox_dir(name).glob(".trash-*"):
-        shutil.rmtree(trash, onerror=_make_writable_and_retry)
+        _rmtree(trash)
 
 
 def prepare_upper(name: str, fresh: bool) -> Path:

@@ -56,7 +56,6 @@ import os
 import pwd
 import re
 import resource
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -81,6 +80,12 @@ LAUNCHER_LEAF = "nsbox-launcher-{pid}"
 
 PROC_SELF_CGROUP = "/proc/self/cgroup"
 PROC_SELF_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _which(program: str) -> str | None:
+    import shutil  # here, not at the top: shutil loads bz2 and lzma, and most runs need no PATH search
+
+    return shutil.which(program)
 
 
 def format_size(n: int) -> str:
@@ -194,7 +199,7 @@ def _probe_scope(mounts: list[tuple[str, str, str, str]]) -> dict[str, Any]:
         return {"scope_problem": "nsbox already re-executed itself in a systemd scope"}
     if not any(point == "/sys/fs/cgroup" and fs == "cgroup2" for _, point, fs, _ in mounts):
         return {"scope_problem": "systemd delegates controllers only on a unified cgroup2 host"}
-    if shutil.which("systemd-run") is None:
+    if _which("systemd-run") is None:
         return {"scope_problem": "systemd-run is not installed"}
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{uid}"
     if not os.path.exists(os.path.join(runtime, "systemd", "private")):
@@ -382,7 +387,7 @@ def scope_reexec_argv(argv: list[str]) -> list[str] | None:
     The scope's cgroup holds only the re-executed nsbox, so it may move itself into its
     launcher leaf and enable controllers; systemd removes the scope when nsbox exits.
     """
-    if os.environ.get(SCOPE_ENV) or shutil.which("systemd-run") is None:
+    if os.environ.get(SCOPE_ENV) or _which("systemd-run") is None:
         return None
     return ["systemd-run", "--user", "--scope", "--quiet", "--collect", "-p", "Delegate=yes",
             "--", "env", f"{SCOPE_ENV}=1", *argv]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import signal
 from typing import NamedTuple
 
@@ -83,6 +82,8 @@ def plan(
         # The default command is the agent (and `-- claude ARGS` names it too). In host
         # mode it is found on the caller's PATH (often ~/.local/bin or an npm prefix,
         # which the sandbox does not see) and its real file is bound read-only inside.
+        import shutil  # here: only the default agent needs a PATH search; shutil loads compressors
+
         found = shutil.which(AGENT_COMMAND[0], path=caller_env.get("PATH", os.defpath))
         if not found:
             raise StepError(

@@ -53,7 +53,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import signal
 import stat
 import struct
@@ -75,7 +74,7 @@ DEFAULT_PROFILE = BUILTIN_DIR / "default.toml"
 # reports); 3: the whole plan is cached (a JSON entry), not only the BPF.
 _COMPILER_VERSION = "nsbox-seccomp-3"
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine  # platform.machine(), without importing platform (launch time)
 _NATIVE_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(_MACHINE, 0)
 # Docker/OCI profiles name architectures the Go way ("amd64") in `includes.arches`.
 _GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64", "s390x": "s390x",
@@ -322,7 +321,7 @@ def _toml_condition(path: Path, n: int, a: object) -> Condition:
 def _kernel_at_least(version: str) -> bool:
     def parts(s: str) -> tuple[int, ...]:
         return tuple(int(p) for p in s.split("-")[0].split(".")[:2] if p.isdigit())
-    return parts(platform.release()) >= parts(version)
+    return parts(os.uname().release) >= parts(version)
 
 
 def _parse_oci(path: Path, data: Mapping[str, Any]) -> Profile:
@@ -612,7 +611,7 @@ def _cache_key(path: Path, content: bytes) -> str:
     """
     h = hashlib.sha256()
     for part in (_COMPILER_VERSION.encode(), display_path(path).encode("utf-8", "surrogateescape"), content,
-                 _MACHINE.encode(), platform.release().encode()):
+                 _MACHINE.encode(), os.uname().release.encode()):
         h.update(len(part).to_bytes(8, "little") + part)
     return h.hexdigest()
 

@@ -17,9 +17,9 @@ How the two stay one command line:
   tests/test_cli_fastpath.py checks that property against click itself.
 - `run` is the body of `nsbox run`, fed the same dict from either parser.
 
-Nothing here imports click (only `cli.py` does), and the heavy modules (the launcher,
-with pyroute2 and libseccomp) load inside `run` and `build_spec`, once a run is certain,
-so `import nsbox.command` stays cheap.
+Nothing here imports click (only `cli.py` does), and the launcher's modules load inside
+`run` and `build_spec`, once a run is certain, so `import nsbox.command` stays cheap.
+(pyroute2, pyseccomp and cgroupspy are not on a run's path at all: tests/test_imports.py.)
 """
 
 from __future__ import annotations

@@ -289,12 +289,13 @@ def launcher(spec: SandboxSpec, command: tuple[str, ...] | None, stdin_is_tty: b
             if spec.image:
                 # Pulled per --pull (threads are safe: nothing has forked yet), then by digest:
                 # unpacked once per image (cached), and marked in use until the run ends.
-                # Launcher-only modules, loaded here because only --image needs them
-                # (http, ssl, tar: 40+ ms a run). The children never import them.
-                from nsbox.image import registry as image_registry
+                # Launcher-only modules, loaded here because only --image needs them. An image
+                # in the store loads no registry (http, ssl, threads) nor unpacker (tar): only a
+                # pull or a first unpack does (40+ ms). The children never import them.
+                from nsbox.image import reference as image_reference
                 from nsbox.image import store as image_store
 
-                ref = image_registry.ensure(spec.image, spec.pull)
+                ref = image_reference.ensure(spec.image, spec.pull)
                 rootfs = held.enter_context(image_store.use_rootfs(ref))
                 image = ImageRoot(str(rootfs), image_store.image_config(ref),
                                   str(config.prepare_upper(spec.name, spec.fresh)))

@@ -22,19 +22,14 @@ Verify: tests/test_image_store.py (fixtures from containers/common and moby, bui
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import os
-import platform
 import re
-import shutil
-import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 from nsbox.errors import StepError
 
@@ -68,7 +63,8 @@ _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "p
 
 
 def native_platform() -> tuple[str, str]:
-    return "linux", _GOARCH.get(platform.machine(), platform.machine())
+    machine = os.uname().machine  # what platform.machine() returns, without importing it (launch time)
+    return "linux", _GOARCH.get(machine, machine)
 
 
 def sha256_digest(data: bytes) -> str:
@@ -91,15 +87,17 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
-@dataclass(frozen=True)
-class Descriptor:
+# NamedTuples, not dataclasses: the store validates manifests on every `nsbox run --image`
+# (nsbox/layers/__init__.py says why).
+
+
+class Descriptor(NamedTuple):
     media_type: str
     digest: str
     size: int
 
 
-@dataclass(frozen=True)
-class FoundImage:
+class FoundImage(NamedTuple):
     """One image found in an archive: its manifest as the store will hold it."""
 
     manifest: bytes  # verified bytes of an OCI (or docker v2) manifest
@@ -128,6 +126,9 @@ class _Archive:
             self.is_dir = True
             return
         self.is_dir = False
+        import shutil  # here, not above: only an archive import reads a tar (launch time)
+        import tarfile
+
         held = 0  # bytes of small members kept in memory; past IN_MEMORY they go to staging too
         try:
             with tarfile.open(path, mode="r:*") as tf:
@@ -360,6 +361,8 @@ def write_layout(out: Path, layers: Sequence[bytes], config: dict[str, Any],
     `layers` are uncompressed tar streams; their DiffIDs are written into the config's
     `rootfs`. Gzip uses mtime 0 so the same input gives the same digests.
     """
+    import gzip  # here, not above: launch time
+
     blobs = out / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 

@@ -44,24 +44,25 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from nsbox.errors import StepError
 from nsbox.image import layout
-from nsbox.image.unpack import DEFAULT_BUDGET, Budget, Layer, UnpackReport, unpack_layers
+
+if TYPE_CHECKING:  # imported where an image is unpacked: tar, gzip, subprocess are off a run from the store
+    from nsbox.image.unpack import Budget, Layer, UnpackReport
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 HEX_PREFIX_RE = re.compile(r"^(sha256:)?[0-9a-f]{4,64}$")
 MAX_ARGV_BYTES = 128 << 10  # Entrypoint + Cmd: an image config is untrusted input
 
 
-@dataclass(frozen=True)
-class ImageRef:
+# Records are NamedTuples, not dataclasses, as on the rest of the run path (nsbox/layers/__init__.py).
+
+
+class ImageRef(NamedTuple):
     """A resolved image: its manifest digest, and the name it was found by (if any)."""
 
     digest: str
@@ -71,8 +72,7 @@ class ImageRef:
         return self.name or self.digest
 
 
-@dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(NamedTuple):
     """The parts of the image config the launcher applies (within the sandbox's rules)."""
 
     env: tuple[str, ...] = ()
@@ -86,8 +86,7 @@ class ImageConfig:
         return self.entrypoint + (override or self.cmd)
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     ref: ImageRef
     names: tuple[str, ...]
     size: int  # bytes of the manifest, config and layer blobs (as stored)
@@ -145,15 +144,17 @@ def remove_tree(path: Path) -> None:
         os.chmod(d, 0o700)
         with os.scandir(d) as it:
             stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+    import shutil  # here, not above: it loads bz2 and lzma (launch time)
+
     shutil.rmtree(path)
 
 
 class Store:
     """One image store directory. Every method raises StepError on failure."""
 
-    def __init__(self, root: Path | None = None, budget: Budget = DEFAULT_BUDGET):
+    def __init__(self, root: Path | None = None, budget: Budget | None = None):
         self.root = Path(root) if root is not None else default_root()
-        self.budget = budget
+        self.budget = budget  # None: unpack.DEFAULT_BUDGET
         self.blobs = self.root / "blobs" / "sha256"
         self.rootfs_dir = self.root / "rootfs"
         self.locks = self.root / "locks"
@@ -177,6 +178,8 @@ class Store:
 
     def put_file(self, f: IO[bytes], digest: str | None = None) -> str:
         """Copy `f` into the store under its sha256; refuse if it is not `digest`."""
+        import tempfile  # here, not above: a run from the store writes no blob (launch time)
+
         h = hashlib.sha256()
         with acting_store("write blob"), tempfile.NamedTemporaryFile(dir=self.tmp, prefix="blob-",
                                                                      delete=False) as out:
@@ -298,6 +301,8 @@ class Store:
         return {str(k): v for k, v in images.items() if isinstance(v, dict)}
 
     def _save_index(self, images: dict[str, dict[str, Any]]) -> None:
+        import tempfile  # here, not above: a run from the store writes no index (launch time)
+
         data = json.dumps({"version": 1, "images": images}, indent=1, sort_keys=True).encode()
         with acting_store(f"write {self.index_path}"):
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index-")
@@ -326,6 +331,8 @@ class Store:
         path = Path(path)
         if not path.exists():
             raise StepError("image.import", f"open {path}", errno.ENOENT)
+        import tempfile  # here, not above: launch time
+
         wanted = normalize_name(name) if name else None
         with self._lock("store.lock", exclusive=True):
             for stale in self.tmp.iterdir():  # only an import writes here, under this lock
@@ -401,12 +408,26 @@ class Store:
                             detail=f"{len(diff_ids)} DiffIDs for {len(manifest['layers'])} layers")
         return manifest, config
 
+    def _chain_hex(self, digest: str) -> str:
+        """The hex of the image's ChainID: the name of its tree under rootfs/."""
+        return chain_id(self._config_of(digest)[1]["rootfs"]["diff_ids"]).split(":")[1]
+
     def _layers(self, digest: str) -> tuple[list[Layer], str]:
+        # here, not above: the unpacker loads tarfile, gzip, subprocess, which a run from an
+        # unpacked tree does not need (launch time); such a run asks only for `_chain_hex`
+        from nsbox.image.unpack import Layer
+
         manifest, config = self._config_of(digest)
         diff_ids = config["rootfs"]["diff_ids"]
         layers = [Layer(d["digest"], diff, self.blob_path(d["digest"]))
                   for d, diff in zip(manifest["layers"], diff_ids, strict=True)]
         return layers, chain_id(diff_ids)
+
+    def _unpack(self, digest: str, target: Path) -> UnpackReport:
+        """Apply the image's layers to the empty directory `target`; hold store.lock."""
+        from nsbox.image.unpack import DEFAULT_BUDGET, unpack_layers  # launch time, as in _layers
+
+        return unpack_layers(self._layers(digest)[0], target, DEFAULT_BUDGET if self.budget is None else self.budget)
 
     def config(self, ref: str | ImageRef) -> ImageConfig:
         """Env, WorkingDir, User, Entrypoint, Cmd from the image config, type-checked."""
@@ -521,8 +542,7 @@ class Store:
         """The image's unpacked tree, unpacking it first if needed; True if this call unpacked."""
         with self._lock("store.lock", exclusive=False):  # no blob goes away meanwhile
             img = self.resolve(ref)
-            layers, chain = self._layers(img.digest)
-            hexid = chain.split(":")[1]
+            hexid = self._chain_hex(img.digest)
             final = self.rootfs_dir / hexid
             if final.is_dir():
                 return final, False
@@ -535,7 +555,7 @@ class Store:
                 with acting_store(f"mkdir {tmp}"):
                     tmp.mkdir(mode=0o755)
                 try:
-                    unpack_layers(layers, tmp, self.budget)
+                    self._unpack(img.digest, tmp)
                     os.rename(tmp, final)
                 except BaseException:
                     remove_tree(tmp)
@@ -551,12 +571,14 @@ class Store:
         with contextlib.ExitStack() as held:
             with self._lock("store.lock", exclusive=False):  # taken before `remove` can look
                 img = self.resolve(ref)
-                hexid = self._layers(img.digest)[1].split(":")[1]
+                hexid = self._chain_hex(img.digest)
                 held.enter_context(self._lock(f"use-{hexid}.lock", exclusive=False))
             yield self.rootfs_for(img)
 
     def unpack_to(self, ref: str | ImageRef, dest: Path | str) -> UnpackReport:
         """Write the image's rootfs into `dest` (absent or empty) with the store's unpacker."""
+        import tempfile  # here, not above: launch time
+
         dest = Path(os.path.abspath(dest))
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise StepError("image.unpack", f"unpack into {dest}", errno.ENOTEMPTY,
@@ -567,8 +589,7 @@ class Store:
             os.chmod(tmp, 0o755)
         try:
             with self._lock("store.lock", exclusive=False):
-                layers, _ = self._layers(self.resolve(ref).digest)
-                report = unpack_layers(layers, tmp, self.budget)
+                report = self._unpack(self.resolve(ref).digest, tmp)
             with acting_store(f"rename into {dest}"):
                 if dest.exists():
                     dest.rmdir()

@@ -117,6 +117,5 @@ def _planned_image(spec: SandboxSpec) -> launch.ImageRoot:
                           fix=f"nsbox image import ARCHIVE --name {spec.image}")
     store = image_store.Store()
     ref = store.resolve(spec.image)
-    chain = store._layers(ref.digest)[1]  # the unpacked tree's name; unpacked on the first run
-    rootfs = store.rootfs_dir / chain.split(":", 1)[1]
+    rootfs = store.rootfs_dir / store._chain_hex(ref.digest)  # the unpacked tree; unpacked on the first run
     return launch.ImageRoot(str(rootfs), store.config(ref), str(config.sandbox_dir(spec.name) / "upper"))

@@ -110,7 +110,7 @@ def resolve(argv: list[str], d: Path) -> list[str]:
     return [arg.replace("@D", str(d)) for arg in argv]
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1500, deadline=None, database=None)  # the test user cannot write the repo
 @given(argv=ANY_ARGV)
 def test_parse_run_agrees_with_click_or_declines(paths, argv):
     argv = resolve(argv, paths)
@@ -121,7 +121,7 @@ def test_parse_run_agrees_with_click_or_declines(paths, argv):
         assert ours == clicks
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, database=None)
 @given(argv=plain_argv())
 def test_plain_command_lines_take_the_fast_path(paths, argv):
     argv = resolve(argv, paths)

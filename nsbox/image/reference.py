@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 from nsbox.errors import StepError
 from nsbox.image import layout
 from nsbox.image.store import NAME_RE, Store
+from nsbox.spec import PULL_POLICIES  # one definition: --pull is validated with the rest of the spec
 
 STEP = "image.pull"
-PULL_POLICIES = ("missing", "always", "never")
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"  # docker.io itself only redirects to the website
 

@@ -59,7 +59,6 @@ from nsbox.image import layout
 from nsbox.image.reference import (  # re-exported: the grammar and platforms live there (launch time)
     _DEFAULT_VARIANT,
     DOCKER_HUB,
-    PULL_POLICIES,
     STEP,
     Platform,
     Reference,
@@ -70,7 +69,7 @@ from nsbox.image.reference import (  # re-exported: the grammar and platforms li
 )
 from nsbox.image.store import BlobDownload, ImageRef, Store
 
-__all__ = ["PULL_POLICIES", "Platform", "Reference", "default_platform", "ensure", "parse_platform",
+__all__ = ["Platform", "Reference", "default_platform", "ensure", "parse_platform",
            "parse_reference", "pull"]
 
 DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
